@@ -1,0 +1,405 @@
+"""Write lgm_ray shard sets: ``python -m lgm_ray.shards build {digits | imagefolder DIR | hf DIR}``.
+
+Images are decoded once, resized so that the short side is ``real_res`` (uncropped), encoded once as
+JPEG or PNG and written with their class index into tar shards of ``shard_size`` samples, train and test
+apart. Samples are shuffled (``split_seed``) before sharding, so every shard mixes all classes. Tar
+members carry no timestamps or owners: the same inputs and options give byte-identical shards.
+
+A build writes into a hidden staging folder beside ``--out``; shards are encoded in parallel by a
+process pool, the manifest is written last (tmp file + ``os.replace``), and only then does the staging
+folder replace ``--out``. A failed build therefore leaves whatever was in ``--out`` untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lgm_ray import __version__
+from lgm_ray.shards_stream import FORMAT_VERSION, MANIFEST_NAME, ShardError, resize_short
+
+SOURCES = ("digits", "imagefolder", "hf")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+Item = tuple[Any, int]  # (reference the encoder can open, class index)
+
+
+@dataclass
+class Source:
+    """A source resolved into class names and, per split, (reference, label) items."""
+
+    kind: str
+    path: str | None
+    class_names: list[str]
+    items: dict[str, list[Item]]
+    split_method: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How every image is stored."""
+
+    fmt: str
+    quality: int
+    real_res: int
+    on_bad_sample: str
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: its final path and its (key, reference, label) samples."""
+
+    path: str
+    split: str
+    samples: list[tuple[str, Any, int]]
+    enc: Encoding
+
+
+def stratified_split(items: list[Item], fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Hold out ``round(fraction * n)`` items of every class (keeping at least one for training)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Item]] = defaultdict(list)
+    for item in items:
+        by_class[item[1]].append(item)
+    out: dict[str, list[Item]] = {"train": [], "test": []}
+    for c in sorted(by_class):
+        group = by_class[c]
+        k = min(len(group) - 1, round(fraction * len(group)))
+        perm = rng.permutation(len(group))
+        out["test"] += [group[i] for i in sorted(perm[:k])]
+        out["train"] += [group[i] for i in sorted(perm[k:])]
+    return out
+
+
+def digits_source(real_res: int) -> Source:
+    """scikit-learn's digits in lgm_ray's fixed split, upsampled to ``real_res``."""
+    from lgm_ray.digits import CLASS_NAMES, load_digits_split
+
+    items = {}
+    for split in SPLITS:
+        images, labels = load_digits_split(split, res=real_res)
+        arrays = np.rint(images.numpy() * 255.0).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        items[split] = [(a, int(y)) for a, y in zip(arrays, labels.tolist(), strict=True)]
+    return Source("digits", None, list(CLASS_NAMES), items, "fixed: lgm_ray.digits (stratified 80/20, seed 0)")
+
+
+def _class_files(folder: Path) -> dict[str, list[str]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return {c: sorted(str(p) for p in (folder / c).rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            for c in classes}
+
+
+def imagefolder_source(path: str, test_fraction: float, seed: int) -> Source:
+    """``DIR/CLASS/*.jpg`` (split here), or ``DIR/train/CLASS/…`` with ``DIR/test`` (or ``val``) beside it."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ShardError(f"image folder {root} does not exist or is not a folder")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    test_dir = next((root / n for n in ("test", "val", "validation") if (root / n).is_dir()), None)
+    train = _class_files(train_dir)
+    if not train:
+        raise ShardError(f"{train_dir} holds no class sub-folders; lay it out as DIR/CLASS/IMAGE "
+                         "or DIR/train/CLASS/IMAGE (+ DIR/test/CLASS/IMAGE)")
+    for name, files in train.items():
+        if not files:
+            raise ShardError(f"class folder {train_dir / name} holds no images ({' '.join(IMAGE_SUFFIXES)}); "
+                             "add images or remove the folder")
+    names = list(train)
+    flat = [(f, i) for i, name in enumerate(names) for f in train[name]]
+    if train_dir == root or test_dir is None:
+        return Source("imagefolder", str(root.resolve()), names, stratified_split(flat, test_fraction, seed),
+                      f"stratified hold-out, test fraction {test_fraction}, seed {seed}")
+    test = _class_files(test_dir)
+    if unknown := sorted(set(test) - set(names)):
+        raise ShardError(f"test classes {unknown} in {test_dir} have no folder in {train_dir}")
+    items = {"train": flat, "test": [(f, names.index(c)) for c, files in test.items() for f in files]}
+    return Source("imagefolder", str(root.resolve()), names, items, f"folders: train, {test_dir.name}")
+
+
+def hf_source(path: str, image_column: str, label_column: str, test_fraction: float, seed: int) -> Source:
+    """A ``datasets`` Dataset or DatasetDict saved with ``save_to_disk``."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, … for unusable folders
+        raise ShardError(f"cannot load a dataset saved with save_to_disk from {path} ({type(e).__name__}: {e})") from e
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved:
+            raise ShardError(f"{path} has splits {list(saved)} but no 'train' split")
+        test_name = next((n for n in ("test", "validation") if n in saved), None)
+        parts = {"train": ("train", saved["train"])} | ({"test": (test_name, saved[test_name])} if test_name else {})
+    else:
+        parts = {"train": (None, saved)}
+    first = parts["train"][1]
+    for col in (image_column, label_column):
+        if col not in first.column_names:
+            raise ShardError(f"{path}: no column {col!r} (columns: {first.column_names}); "
+                             "name them with --image-column / --label-column")
+    raw = {s: list(ds[label_column]) for s, (_, ds) in parts.items()}
+    feature = first.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        index = {i: i for i in range(len(names))}
+    elif all(isinstance(v, int) and v >= 0 for vs in raw.values() for v in vs):
+        names = [str(i) for i in range(max(max(vs, default=0) for vs in raw.values()) + 1)]
+        index = {i: i for i in range(len(names))}
+    else:
+        names = sorted({str(v) for vs in raw.values() for v in vs})
+        index = {v: names.index(str(v)) for vs in raw.values() for v in set(vs)}
+    items: dict[str, list[Item]] = {}
+    for split, (name, _) in parts.items():
+        items[split] = []
+        for row, value in enumerate(raw[split]):
+            if value not in index:
+                raise ShardError(f"{path}: row {row} of split {name or '(single)'} has label {value!r}, "
+                                 f"not one of the {len(names)} classes")
+            items[split].append((("hf", path, name, row, image_column), index[value]))
+    if "test" in parts:
+        method = f"saved splits: train, {parts['test'][0]}"
+    else:
+        items = stratified_split(items["train"], test_fraction, seed)
+        method = f"stratified hold-out, test fraction {test_fraction}, seed {seed}"
+    extra = {"image_column": image_column, "label_column": label_column}
+    return Source("hf", str(Path(path).resolve()), names, items, method, extra)
+
+
+@lru_cache(maxsize=4)
+def _hf_column(path: str, split: str | None, column: str) -> Any:
+    import datasets
+
+    saved = datasets.load_from_disk(path)
+    ds = saved[split] if split is not None else saved
+    if isinstance(ds.features[column], datasets.Image):  # raw bytes: our own decoder reports errors
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds.select_columns([column])
+
+
+def open_ref(ref: Any) -> Image.Image:
+    """Open an item reference (digits array, file path or HF row) as an RGB image."""
+    if isinstance(ref, np.ndarray):
+        return Image.fromarray(ref)
+    if not isinstance(ref, str):
+        _, path, split, row, column = ref
+        ref = _hf_column(path, split, column)[row][column]
+        if isinstance(ref, dict):
+            ref = ref.get("bytes") or ref.get("path")
+        if isinstance(ref, Image.Image):
+            return ref.convert("RGB")
+        if not isinstance(ref, (str, bytes)):
+            return Image.fromarray(np.asarray(ref, dtype=np.uint8))
+    with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
+        return img.convert("RGB")
+
+
+def describe(ref: Any) -> str:
+    """Where an item comes from, for messages."""
+    if isinstance(ref, np.ndarray):
+        return "a digits image"
+    if isinstance(ref, str):
+        return f"image file {ref}"
+    return f"row {ref[3]} of split {ref[2] or '(single)'} in {ref[1]}"
+
+
+def encode(img: Image.Image, enc: Encoding) -> bytes:
+    """Resize the short side to ``enc.real_res`` and encode."""
+    img = resize_short(img.convert("RGB"), enc.real_res)
+    buf = io.BytesIO()
+    if enc.fmt == "jpg":
+        img.save(buf, "JPEG", quality=enc.quality)
+    else:
+        img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)  # mtime 0, no owner: identical inputs give identical shards
+    info.size, info.mode = len(payload), 0o444
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard(task: ShardTask) -> dict[str, Any]:
+    """Encode and write one shard (run in a pool worker); return its manifest entry and labels."""
+    name, tmp = os.path.basename(task.path), task.path + ".part"
+    labels, skipped = [], []
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ref, label in task.samples:
+            try:
+                payload = encode(open_ref(ref), task.enc)
+            except Exception as e:  # PIL and datasets raise many types on bad files
+                reason = f"does not decode ({type(e).__name__}: {e})"
+                if task.enc.on_bad_sample == "raise":
+                    raise ShardError(f"{describe(ref)} {reason}; it would be key {key} of shard {name}: fix or remove it, or pass "
+                                     "--on-bad-sample skip to leave such images out") from None
+                skipped.append({"shard": name, "key": key, "source": describe(ref), "reason": reason})
+                continue
+            _add(tar, f"{key}.{task.enc.fmt}", payload)
+            _add(tar, f"{key}.cls", str(label).encode("ascii"))
+            labels.append(label)
+    if not labels:
+        os.remove(tmp)
+        return {"name": name, "split": task.split, "count": 0, "labels": [], "skipped": skipped}
+    sha = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    os.replace(tmp, task.path)
+    return {"name": name, "split": task.split, "count": len(labels), "sha256": sha.hexdigest(),
+            "bytes": os.path.getsize(task.path), "labels": labels, "skipped": skipped}
+
+
+def plan_tasks(source: Source, folder: Path, enc: Encoding, shard_size: int, seed: int) -> list[ShardTask]:
+    """Shuffle each split, name its samples ``SPLIT_000123`` in that order and cut it into shards."""
+    tasks = []
+    for s, split in enumerate(SPLITS):
+        items = source.items.get(split, [])
+        order = np.random.default_rng([seed, s]).permutation(len(items))
+        width = max(6, len(str(len(items))))
+        keyed = [(f"{split}_{i:0{width}d}", *items[j]) for i, j in enumerate(order)]
+        for n, start in enumerate(range(0, len(keyed), shard_size)):
+            path = str(folder / f"{split}-{n:06d}.tar")
+            tasks.append(ShardTask(path, split, keyed[start:start + shard_size], enc))
+    return tasks
+
+
+def run_tasks(tasks: list[ShardTask], workers: int) -> list[dict[str, Any]]:
+    """Write shards, in a process pool when ``workers > 1``; a line per shard on stderr."""
+    results = []
+
+    def report(r: dict[str, Any]) -> None:
+        results.append(r)
+        size = f"{r['bytes'] / 1e6:.2f} MB" if r["count"] else "empty, dropped"
+        print(f"[shards] {r['name']}: {r['count']} samples, {size} ({len(results)}/{len(tasks)})",
+              file=sys.stderr, flush=True)
+
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            report(write_shard(task))
+    else:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)))
+        try:
+            for future in as_completed([pool.submit(write_shard, t) for t in tasks]):
+                report(future.result())
+        finally:
+            pool.shutdown(cancel_futures=True)
+    return sorted((r for r in results if r["count"]), key=lambda r: (SPLITS.index(r["split"]), r["name"]))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ShardError(f"output folder {out} is not empty; pass --overwrite to replace it (the old set stays "
+                         "until the new one is complete) or choose another --out")
+    strangers = sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME and p.suffix != ".tar")
+    if strangers:
+        raise ShardError(f"output folder {out} holds files that are not part of a shard set ({', '.join(strangers[:5])}); "
+                         "--overwrite only replaces shard-set folders: move them away or choose another --out")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+def build(source: str, path: str | None = None, *, out: str, real_res: int | None = None,
+          fmt: str | None = None, quality: int = 95, shard_size: int = 1000, workers: int | None = None,
+          test_fraction: float = 0.1, split_seed: int = 0, overwrite: bool = False,
+          on_bad_sample: str = "raise", image_column: str = "image", label_column: str = "label",
+          command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build a shard set (see the module docstring and ``python -m lgm_ray.shards build -h``).
+
+    Returns:
+        The manifest written to ``out/manifest.json``.
+
+    Raises:
+        ShardError: bad source (missing folder or column, empty class, undecodable image under
+            ``on_bad_sample="raise"``) or a non-empty ``out`` without ``overwrite``.
+        ValueError: bad options.
+    """
+    real_res = real_res or (32 if source == "digits" else 256)
+    fmt = fmt or ("png" if source == "digits" else "jpg")
+    workers = workers or os.cpu_count() or 1
+    if source not in SOURCES or (path is None) != (source == "digits"):
+        raise ValueError(f"source must be 'digits' or 'imagefolder DIR' or 'hf DIR', got {source!r} {path!r}")
+    if real_res < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0.0 <= test_fraction < 1.0:
+        raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, 1 ≤ --quality ≤ 100, 0 ≤ --test-fraction < 1")
+    target = Path(out)
+    _check_out(target, overwrite)
+    started = time.monotonic()
+    if source == "digits":
+        src = digits_source(real_res)
+    elif source == "imagefolder":
+        src = imagefolder_source(str(path), test_fraction, split_seed)
+    else:
+        src = hf_source(str(path), image_column, label_column, test_fraction, split_seed)
+    staging = target.parent / f".{target.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        enc = Encoding(fmt, quality, real_res, on_bad_sample)
+        tasks = plan_tasks(src, staging, enc, shard_size, split_seed)
+        sizes = ", ".join(f"{s} {len(src.items.get(s, []))}" for s in SPLITS)
+        print(f"[shards] building {target} from {source} {path or ''}: {sizes} images, {len(src.class_names)} "
+              f"classes, {len(tasks)} shards, {workers} workers", file=sys.stderr, flush=True)
+        results = run_tasks(tasks, workers)
+        counts = {s: [0] * len(src.class_names) for s in SPLITS}
+        for r in results:
+            for label in r.pop("labels"):
+                counts[r["split"]][label] += 1
+        skipped = [s for r in results for s in r.pop("skipped")]
+        for c, n in enumerate(counts["train"]):
+            if n == 0:
+                raise ShardError(f"class {src.class_names[c]!r} has no train images left after leaving out "
+                                 f"{len(skipped)} bad ones; fix the source")
+        manifest = {
+            "format": "lgm_ray.shards", "format_version": FORMAT_VERSION, "name": target.name,
+            "source": {"kind": src.kind, "path": src.path, **src.extra},
+            "class_names": src.class_names, "counts": counts,
+            "image": {"encoding": fmt, "quality": quality if fmt == "jpg" else None, "short_side": real_res,
+                      "resize": "short side to short_side, bilinear (antialiased), not cropped", "mode": "RGB"},
+            "split": {"method": src.split_method, "test_fraction": test_fraction, "seed": split_seed},
+            "shard_size": shard_size, "shards": results, "skipped": skipped,
+            "command": shlex.join(["python", "-m", "lgm_ray.shards", *(command or ["build", source])]),
+            "lgm_ray_version": __version__,
+        }
+        tmp = staging / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, staging / MANIFEST_NAME)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[shards] wrote {target}: {len(results)} shards, {len(skipped)} images skipped "
+          f"({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
+    return manifest
