@@ -155,8 +155,9 @@ class Distiller:
 
     # ---------------------------------------------------------------- the loop
 
-    def run(self, log=sys.stderr) -> dict[str, Any]:
+    def run(self, log=None) -> dict[str, Any]:
         cfg = self.cfg
+        log = log or sys.stderr
         self.out.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg.to_dict(), self.out / "config.yaml")
         batch = cfg.ipc * cfg.augs_per_batch * self.num_classes
