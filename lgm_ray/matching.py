@@ -151,8 +151,11 @@ def _scaled_input_grad(z: torch.Tensor, src: torch.Tensor, dz: torch.Tensor) -> 
     if not torch.isfinite(peak) or peak == 0:
         return torch.zeros_like(src)
     scale = 2.0 ** float(torch.floor(-torch.log2(peak)))
-    for _ in range(4):
-        (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=True)
+    # Only fp16 can overflow and need a second try; keeping the graph otherwise would hold a
+    # micro-batch's activations alive into the next one and double the peak memory.
+    retry = z.dtype == torch.float16
+    for _ in range(4 if retry else 1):
+        (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=retry)
         if torch.isfinite(grad).all():
             return grad.float() / scale
         scale /= 2.0**8
@@ -237,6 +240,7 @@ class SynPass:
                 with torch.enable_grad():
                     z = self._features(sl, src)
                 grad.index_add_(0, self.view_images[sl], _scaled_input_grad(z, src, dz[sl]))
+                del z, src  # free this micro-batch's graph before the next forward
         if self.images.requires_grad:
             self.images.backward(grad)
         return grad

@@ -7,17 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgm_ray.augment import AugSpec, apply, sample_params
+from lgm_ray.augment import AugSpec, sample_params
 from lgm_ray.matching import (
     SynPass,
     draw_head,
     head_grad,
-    meta_loss,
     meta_loss_and_grad,
     real_grad,
     shard_views,
     view_layout,
 )
+from lgm_ray.reference import reference_step
 from lgm_ray.synset import SyntheticSet
 
 
@@ -59,19 +59,8 @@ def _setup(num_classes: int, ipc: int, augs: int, seed: int = 0):
 def _reference_grads(net, syn, x_real, y_real, w, b, real_params, syn_params, augs):
     """DESIGN §1: autograd through the whole batch with create_graph=True (second order)."""
     syn.zero_grad()
-    images = syn.render()
-    views = apply(images[view_layout(syn.num_images, augs)], syn_params, SPEC)
-    y_views = syn.labels.repeat(augs)
-    w_ = w.clone().requires_grad_(True)
-    b_ = b.clone().requires_grad_(True)
-    gw_s, gb_s = torch.autograd.grad(F.cross_entropy(net(views) @ w_.t() + b_, y_views), [w_, b_], create_graph=True)
-    z_real = net(apply(x_real, real_params, SPEC))
-    gw_r, gb_r = torch.autograd.grad(F.cross_entropy(z_real @ w_.t() + b_, y_real), [w_, b_])
-    g_syn = torch.cat([gw_s, gb_s[:, None]], 1)
-    g_real = torch.cat([gw_r, gb_r[:, None]], 1)
-    loss = meta_loss(g_real, g_syn)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in syn.parameters()]
+    loss = reference_step(net, syn.render(), syn.labels, augs, syn_params, x_real, y_real, real_params, SPEC, w, b)
+    return loss, [p.grad.clone() for p in syn.parameters()]
 
 
 def _lgm_grads(net, syn, x_real, y_real, w, b, real_params, syn_params, augs, micro_batch=None, shards=None):
@@ -95,7 +84,7 @@ def _lgm_grads(net, syn, x_real, y_real, w, b, real_params, syn_params, augs, mi
 
 
 def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(float((x - y).norm() ** 2) for x, y in zip(a, b)) ** 0.5
+    num = sum(float((x - y).norm() ** 2) for x, y in zip(a, b, strict=True)) ** 0.5
     den = sum(float(y.norm() ** 2) for y in b) ** 0.5
     return num / den
 
