@@ -1,6 +1,6 @@
 """The paper's real-image baselines: which real training images stand in for a distilled set.
 
-(Cazenavette et al., NeurIPS 2025, §5 and DESIGN §1.)
+(Cazenavette et al., NeurIPS 2025; DESIGN §1.)
 
 * ``random``: one random real training image per class; selection seed ``k`` for probe seed
   ``3407 + k`` (seeds 0–4), so the reported mean ± std covers both the draw and the probe.
@@ -16,6 +16,9 @@ distilled image gets the same preprocessing before its feature is taken. The sel
 themselves are returned as the probe trains on real images: resize to ``real_res`` + centre crop
 ``real_res`` (the reference random-crops ``real_res`` before its augmentation; a centre crop keeps
 the selection deterministic). Ties go to the lowest index (the split's stored order).
+
+The module also loads a saved distilled set and checks its classes against the shards
+(:func:`load_synset`, :func:`check_synset_classes`; the policy is in :mod:`lgm_ray.evaluate`).
 """
 
 from __future__ import annotations
@@ -165,12 +168,27 @@ def load_synset(path: str | Path) -> dict:
             f"synthetic set file {str(p)!r} does not exist; pass the .pt file written by "
             "`python -m lgm_ray.distill` (or any torch.save'd {'images', 'labels'} dict)"
         )
-    return validate_synset(torch.load(p, map_location="cpu", weights_only=True), source=str(p))
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in several types
+        raise ValueError(
+            f"cannot load synthetic set {str(p)!r} as plain tensors and lists ({type(exc).__name__}: {exc}); "
+            "re-save it as {'images': tensor, 'labels': tensor, ...} with torch.save"
+        ) from exc
+    return validate_synset(payload, source=str(p))
 
 
 def check_synset_classes(labels: torch.Tensor, shards, *, class_names: list[str] | None = None,
                          num_classes: int | None = None, source: str = "synthetic set") -> None:
-    """Check a set's labels and class metadata against the shards' manifest (see module docstring)."""
+    """Check a set's labels and class metadata against the shards' manifest.
+
+    Raises:
+        ValueError: ``num_classes`` or ``class_names`` differ from the manifest's, or a label falls
+            outside ``0 … classes-1`` (the set was distilled from other data).
+
+    Warns:
+        UserWarning: some class has no image (evaluated anyway; see :mod:`lgm_ray.evaluate`).
+    """
     c = shards.num_classes
     hint = "evaluate it against the shards it was distilled from (--shards)"
     if num_classes is not None and int(num_classes) != c:

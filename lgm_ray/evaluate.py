@@ -24,9 +24,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lgm_ray import baselines as bl
 from lgm_ray import probe
@@ -39,9 +41,6 @@ log = logging.getLogger(__name__)
 FULL_MODES = ("fast", "reference")
 FULL_EPOCHS = 100  # the reference's full-dataset probe: 100 epochs at batch 128
 FULL_BATCH = 128
-
-
-# ---------------------------------------------------------------- inputs and their checks
 
 
 def open_shards(root: str | Path):
@@ -60,7 +59,7 @@ def open_shards(root: str | Path):
 # ---------------------------------------------------------------- one evaluation
 
 
-def _run_seeds(env: FeatureSource, fit, n_seeds: int) -> dict:
+def _run_seeds(env: FeatureSource, fit: Callable[[int, int], nn.Module], n_seeds: int) -> dict:
     """Train one probe per seed (``fit(k, seed) → head``), test each, and summarise over the seeds."""
     test = env.features("test")
     seeds = probe.eval_seeds(n_seeds)
@@ -77,12 +76,14 @@ def _run_seeds(env: FeatureSource, fit, n_seeds: int) -> dict:
             "top5_mean": m5, "top5_std": s5, "topk": topk, "n_test": len(test.labels)}
 
 
-def _select_env(env: FeatureSource, select_backbone: str | None, select_weights: str | None, cache_dir) -> FeatureSource:
-    if (select_backbone in (None, env.backbone.name)) and select_weights is None:
+def _selection_source(env: FeatureSource, select_backbone: str | None, select_weights: str | None,
+                      cache_dir: str | Path | None) -> FeatureSource:
+    """The backbone whose centre-crop features pick centroids / neighbours: the evaluation one by default."""
+    if select_backbone in (None, env.backbone.name) and select_weights is None:
         return env
     return FeatureSource(select_backbone or env.backbone.name, env.shards, weights=select_weights,
-                normalization=env.normalization, device=env.device, real_res=env.real_res,
-                crop_res=env.crop_res, cache_dir=cache_dir)
+                         normalization=env.normalization, device=env.device, real_res=env.real_res,
+                         crop_res=env.crop_res, cache_dir=cache_dir)
 
 
 def evaluate(
@@ -159,7 +160,7 @@ def evaluate(
         validate_synset({"images": images, "labels": labels})
         bl.check_synset_classes(labels, shards, class_names=class_names, num_classes=num_classes)
     env = FeatureSource(backbone_name, shards, weights=weights, normalization=normalization, device=device,
-               real_res=real_res, crop_res=crop_res, cache_dir=cache_dir)
+                        real_res=real_res, crop_res=crop_res, cache_dir=cache_dir)
     extra: dict = {}
     if baseline == "full":
         epochs, used_batch = epochs or FULL_EPOCHS, batch or FULL_BATCH
@@ -191,7 +192,7 @@ def evaluate(
             sets = [bl.select_random(shards, k, ipc=ipc, real_res=real_res) for k in range(seeds)]
             extra["selection_seeds"] = list(range(seeds))
         else:
-            sel = _select_env(env, select_backbone, select_weights, cache_dir)
+            sel = _selection_source(env, select_backbone, select_weights, cache_dir)
             train = sel.features("train")
             query = (bl.image_features(sel.backbone, images, real_res, crop_res, device)
                      if baseline == "neighbors" else None)
@@ -241,11 +242,6 @@ def _evaluate_task(backbone_name: str, shards_root: str, images, labels, kwargs:
     return evaluate(backbone_name, shards_root, images=images, labels=labels, **kwargs)
 
 
-def _ray_is_up() -> bool:
-    ray = sys.modules.get("ray")  # never import Ray just to learn that it is not running
-    return bool(ray is not None and ray.is_initialized())
-
-
 def evaluate_cross_model(
     backbones: list[str],
     shards_root: str | Path,
@@ -275,15 +271,13 @@ def evaluate_cross_model(
     """
     for name in backbones:
         check_backbone(name)
-    if isinstance(weights, (list, tuple)):
-        if len(weights) != len(backbones):
-            raise ValueError(f"{len(weights)} weights entries for {len(backbones)} backbones")
-        files = list(weights)
-    else:
-        files = [(weights or {}).get(name) for name in backbones]
+    files = list(weights) if isinstance(weights, (list, tuple)) else [(weights or {}).get(n) for n in backbones]
+    if len(files) != len(backbones):
+        raise ValueError(f"{len(files)} weights entries for {len(backbones)} backbones")
     jobs = [(name, str(shards_root), {**kwargs, "weights": w}) for name, w in zip(backbones, files, strict=True)]
     if use_ray is None:
-        use_ray = _ray_is_up()
+        ray_module = sys.modules.get("ray")  # never import Ray just to learn that it is not running
+        use_ray = bool(ray_module is not None and ray_module.is_initialized())
     if not use_ray:
         return [_evaluate_task(name, root, images, labels, kw) for name, root, kw in jobs]
     import ray
@@ -345,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="probe batch (default min(100, n); 128 for full); lr = 1e-3·batch/256")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--weights", action="append", default=[], help="local backbone weights: FILE, or NAME=FILE")
-    p.add_argument("--normalization", choices=("native", "imagenet"), default="native")
+    p.add_argument("--normalization", choices=("native", "imagenet"), default="native",
+                   help="input mean/std: the weights' own, or ImageNet's for all (as the reference)")
     p.add_argument("--real-res", type=int, default=256, help="real images' resize side (default 256)")
     p.add_argument("--crop-res", type=int, default=224, help="backbone input / centre-crop side (default 224)")
     p.add_argument("--cache-dir", help="feature cache (default $LGM_RAY_CACHE or ~/.cache/lgm_ray/features)")
@@ -360,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    started_ray = False
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         backbones = [b.strip() for b in args.backbone.split(",") if b.strip()]
@@ -369,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
             payload = bl.load_synset(args.synset)
             images, labels = payload["images"], payload["labels"]
             meta = {k: payload.get(k) for k in ("class_names", "num_classes")}
+        if args.ray:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init()  # a local Ray, or the cluster that RAY_ADDRESS names
+                started_ray = True
         results = evaluate_cross_model(
             backbones, args.shards, images=images, labels=labels, weights=_parse_weights(args.weights, backbones),
             use_ray=True if args.ray else None, baseline=args.baseline, epochs=args.epochs, seeds=args.seeds,
@@ -377,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             select_backbone=args.select_backbone, select_weights=args.select_weights, ipc=args.ipc, **meta)
     except (FileNotFoundError, ValueError, KeyError, BackboneWeightsError, ShardError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     print(format_table(results))
     if args.json:
         out = results[0] if len(results) == 1 else {"cross_model": True, "results": results}

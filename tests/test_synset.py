@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lgm_ray.synset import COLOR_MATRIX, SyntheticSet, decorrelate_color, pyramid_resolutions, synset_payload, validate_synset
+from lgm_ray.synset import (
+    COLOR_MATRIX,
+    SyntheticSet,
+    decorrelate_color,
+    pyramid_resolutions,
+    synset_payload,
+    validate_synset,
+)
 
 
 def test_pyramid_resolutions_powers_of_two_and_odd_sizes():
