@@ -22,40 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lgm_ray import shards_stream as core
 from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, build
-from lgm_ray.shards_stream import (
-    _TAG_PICK,
-    IMAGE_FORMATS,
-    ON_BAD_SAMPLE,
-    BadSample,
-    Decoded,
-    Reader,
-    ShardError,
-    SkippedSample,
-    TrainUnits,
-    Unit,
-    crop_array,
-    decode_sample,
-    decoded_units,
-    is_local,
-    join,
-    load_manifest,
-    load_shard,
-    local_file_problems,
-    parse_label,
-    parse_tar,
-    read_bytes,
-    rebuild_hint,
-    resize_short,
-    shard_bytes_problem,
-    take,
-    to_tensor,
-    verify_hint,
-)
+from lgm_ray.shards_stream import ShardError, SkippedSample
 
 __all__ = ["ShardError", "ShardSet", "SkippedSample", "build", "main", "verify"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+Ref = tuple[int, int]  # (index of the shard in the manifest, position of the sample in the shard)
 
 
 class ShardSet:
@@ -74,18 +48,18 @@ class ShardSet:
     """
 
     def __init__(self, root: str, *, on_bad_sample: str = "raise") -> None:
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if on_bad_sample not in core.ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {core.ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.root = os.fspath(root)
-        self.manifest: dict[str, Any] = load_manifest(self.root)
-        if is_local(self.root) and (problems := local_file_problems(self.manifest, self.root)):
+        self.manifest: dict[str, Any] = core.load_manifest(self.root)
+        if core.is_local(self.root) and (problems := core.local_file_problems(self.manifest, self.root)):
             raise ShardError(f"shard set {self.root} does not match its manifest: {'; '.join(problems)}; "
-                             f"{verify_hint(self.root)}, then {rebuild_hint(self.root)}")
+                             f"{core.verify_hint(self.root)}, then {core.rebuild_hint(self.root)}")
         self.class_names: list[str] = list(self.manifest["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size = int(self.manifest["image"]["short_side"])
         self.skipped: list[SkippedSample] = []
-        self._reader = Reader(self.root, self.manifest, on_bad_sample)
+        self._reader = core.Reader(self.root, self.manifest, on_bad_sample)
         self._index: dict[str, list[tuple[int, int, str, int]]] = {}
 
     def count(self, split: str) -> int:
@@ -95,7 +69,7 @@ class ShardSet:
     def shard_urls(self, split: str) -> list[str]:
         """URLs (or paths) of the shards of ``split``, in manifest order."""
         self._counts(split)
-        return [join(self.root, e["name"]) for e in self.manifest["shards"] if e["split"] == split]
+        return [core.join(self.root, e["name"]) for e in self.manifest["shards"] if e["split"] == split]
 
     def train_stream(self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                      real_res: int | None = None, num_workers: int = 0
@@ -114,7 +88,8 @@ class ShardSet:
             rank: this worker's index in ``[0, world_size)``.
             world_size: number of workers sharing the training split.
             real_res: ``R``; defaults to the size the shards were built at.
-            num_workers: DataLoader processes decoding whole shards (0: decode in this process).
+            num_workers: DataLoader processes decoding whole shards (0: decode in this process). Each
+                shard in flight holds ``count×3×R×R`` bytes, and the first batch waits for a whole shard.
         """
         size, _ = self._sizes(real_res, None)
         if batch_size < 1 or seed < 0 or num_workers < 0:
@@ -122,8 +97,8 @@ class ShardSet:
         plan = self._plan("train", rank, world_size)
         if not self._plan_samples(plan):
             raise ValueError(f"rank {rank} of {world_size} gets no training samples of {self.root}")
-        units = TrainUnits(tuple(plan), seed, rank, world_size, size)
-        decoded = decoded_units(self._reader, units, num_workers)
+        units = core.TrainUnits(tuple(plan), seed, rank, world_size, size)
+        decoded = core.decoded_units(self._reader, units, num_workers)
         return ((x, y) for x, y, _ in self._rebatch(decoded, batch_size, len(plan)))
 
     def eval_batches(self, split: str = "test", batch_size: int = 256, *, rank: int = 0, world_size: int = 1,
@@ -138,8 +113,9 @@ class ShardSet:
         size, crop = self._sizes(resize, crop)
         if batch_size < 1 or num_workers < 0:
             raise ValueError("need batch_size ≥ 1 and num_workers ≥ 0")
-        units = [Unit(uid, *step, size, crop) for uid, step in enumerate(self._plan(split, rank, world_size))]
-        return self._rebatch(decoded_units(self._reader, units, num_workers), batch_size)
+        plan = self._plan(split, rank, world_size)
+        units = [core.Unit(uid, *step, size, crop) for uid, step in enumerate(plan)]
+        return self._rebatch(core.decoded_units(self._reader, units, num_workers), batch_size)
 
     def iter_split(self, split: str, *, resize: int | None = None, crop: int | None = None,
                    batch_size: int = 256) -> Iterator[Batch]:
@@ -157,8 +133,9 @@ class ShardSet:
         queues = []
         for c, refs in enumerate(self._class_refs(split)):
             if len(refs) < n:
-                raise ValueError(f"class {self.class_names[c]!r} has {len(refs)} {split} samples, fewer than n={n}")
-            queues.append([refs[i] for i in np.random.default_rng([_TAG_PICK, seed, c]).permutation(len(refs))])
+                raise ValueError(f"class {self.class_names[c]!r} has only {len(refs)} {split} samples, n={n}")
+            order = np.random.default_rng([core.TAG_PICK, seed, c]).permutation(len(refs))
+            queues.append([refs[i] for i in order])
         chosen: list[list[np.ndarray]] = [[] for _ in queues]
         cursor = [0] * len(queues)
         while True:  # a skipped sample is replaced by the class's next candidate in the next round
@@ -167,7 +144,7 @@ class ShardSet:
                 take = queue[cursor[c]:cursor[c] + n - len(chosen[c])]
                 if len(chosen[c]) < n and not take:
                     raise ShardError(f"class {self.class_names[c]!r} has fewer than n={n} decodable {split} "
-                                     f"samples in {self.root}; {verify_hint(self.root)}")
+                                     f"samples in {self.root}; {core.verify_hint(self.root)}")
                 cursor[c] += len(take)
                 wanted.update(dict.fromkeys(take, c))
             if not wanted:
@@ -176,7 +153,7 @@ class ShardSet:
                 if array is not None:
                     chosen[wanted[ref]].append(array)
         labels = torch.arange(self.num_classes).repeat_interleave(n)
-        return to_tensor([a for arrays in chosen for a in arrays], crop), labels
+        return core.to_tensor([a for arrays in chosen for a in arrays], crop), labels
 
     def class_images(self, cls: int, *, split: str = "train", resize: int | None = None,
                      crop: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -187,7 +164,7 @@ class ShardSet:
         rows = [(s, p, k) for s, p, k, label in self._index_of(split) if label == cls]
         got = self._fetch([(s, p) for s, p, _ in rows], size, crop)
         kept = [(got[s, p], k) for s, p, k in rows if got[s, p] is not None]
-        return to_tensor([a for a, _ in kept], crop), [k for _, k in kept]
+        return core.to_tensor([a for a, _ in kept], crop), [k for _, k in kept]
 
     def _counts(self, split: str) -> list[int]:
         if split not in self.manifest["counts"]:
@@ -217,24 +194,26 @@ class ShardSet:
 
     def _plan_samples(self, plan: list[tuple[int, int, int, int]]) -> int:
         counts = [self.manifest["shards"][i]["count"] for i, *_ in plan]
-        return sum(len(range((phase - off) % stride, n, stride)) for n, (_, off, stride, phase) in zip(counts, plan, strict=True))
+        return sum(len(range((p - o) % s, n, s)) for n, (_, o, s, p) in zip(counts, plan, strict=True))
 
-    def _rebatch(self, decoded: Iterable[Decoded], batch_size: int, units_per_pass: int = 0) -> Iterator[Batch]:
+    def _rebatch(self, decoded: Iterable[core.Decoded], batch_size: int, units_per_pass: int = 0
+                 ) -> Iterator[Batch]:
         queue: deque[list[Any]] = deque()
         have = empty_run = 0
         for _, images, labels, keys, skipped in decoded:
             self._note_skipped(skipped)
             empty_run = 0 if keys else empty_run + 1
             if units_per_pass and empty_run >= units_per_pass:
-                raise ShardError(f"a whole pass over {self.root} gave no decodable sample; {verify_hint(self.root)}")
+                raise ShardError(f"a whole pass over {self.root} gave no decodable sample; "
+                                 f"{core.verify_hint(self.root)}")
             if keys:
                 queue.append([images, labels, keys, 0])
                 have += len(keys)
             while have >= batch_size:
-                yield take(queue, batch_size)
+                yield _take(queue, batch_size)
                 have -= batch_size
         if have:
-            yield take(queue, have)
+            yield _take(queue, have)
 
     def _index_of(self, split: str) -> list[tuple[int, int, str, int]]:
         """(shard index, position, key, label) of every sample of ``split``, read once and cached."""
@@ -244,11 +223,11 @@ class ShardSet:
             for i, entry in enumerate(self.manifest["shards"]):
                 if entry["split"] != split:
                     continue
-                for pos, (key, parts) in enumerate(load_shard(self.root, entry)):
+                for pos, (key, parts) in enumerate(core.load_shard(self.root, entry)):
                     try:
-                        rows.append((i, pos, key, parse_label(parts, key, self.num_classes)))
-                    except BadSample as bad:
-                        self._note_skipped([self._reader.bad(join(self.root, entry["name"]), bad)])
+                        rows.append((i, pos, key, core.parse_label(parts, key, self.num_classes)))
+                    except core.BadSample as bad:
+                        self._note_skipped([self._reader.bad(core.join(self.root, entry["name"]), bad)])
             self._index[split] = rows
         return self._index[split]
 
@@ -258,30 +237,46 @@ class ShardSet:
             refs[label].append((shard, pos))
         return refs
 
-    def _fetch(self, refs: list[tuple[int, int]], size: int, crop: int) -> dict[tuple[int, int], np.ndarray | None]:
+    def _fetch(self, refs: list[Ref], size: int, crop: int) -> dict[Ref, np.ndarray | None]:
         """Centre crops of chosen (shard, position) samples, one read per shard; None where skipped."""
         by_shard: dict[int, list[int]] = defaultdict(list)
         for shard, pos in refs:
             by_shard[shard].append(pos)
-        out: dict[tuple[int, int], np.ndarray | None] = {}
+        out: dict[Ref, np.ndarray | None] = {}
         for shard in sorted(by_shard):
             entry = self.manifest["shards"][shard]
-            samples = load_shard(self.root, entry)
+            samples = core.load_shard(self.root, entry)
             for pos in by_shard[shard]:
                 try:
-                    img, _ = decode_sample(samples[pos], self._reader.encoding, self.num_classes)
-                    out[shard, pos] = crop_array(resize_short(img, size), crop)
-                except BadSample as bad:
-                    self._note_skipped([self._reader.bad(join(self.root, entry["name"]), bad)])
+                    img, _ = core.decode_sample(samples[pos], self._reader.encoding, self.num_classes)
+                    out[shard, pos] = core.crop_array(core.resize_short(img, size), crop)
+                except core.BadSample as bad:
+                    self._note_skipped([self._reader.bad(core.join(self.root, entry["name"]), bad)])
                     out[shard, pos] = None
         return {ref: out[ref] for ref in refs}
 
     def _note_skipped(self, skipped: list[SkippedSample]) -> None:
         for s in skipped:
-            if s not in self.skipped:
+            if all((s.shard, s.key) != (t.shard, t.key) for t in self.skipped):
                 self.skipped.append(s)
-                warnings.warn(f"lgm_ray.shards skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}",
+                warnings.warn(f"skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}",
                               stacklevel=4)
+
+
+def _take(queue: deque[list[Any]], n: int) -> Batch:
+    """Pop ``n`` samples off a queue of [images, labels, keys, start] parts as one float batch."""
+    pieces = []
+    while n:
+        part = queue[0]
+        images, labels, keys, start = part
+        k = min(n, len(keys) - start)
+        pieces.append((images[start:start + k], labels[start:start + k], keys[start:start + k]))
+        part[3] += k
+        n -= k
+        if part[3] == len(keys):
+            queue.popleft()
+    images = pieces[0][0] if len(pieces) == 1 else torch.cat([p[0] for p in pieces])
+    return images.float().div_(255.0), torch.cat([p[1] for p in pieces]), [k for p in pieces for k in p[2]]
 
 
 def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[str], str]:
@@ -299,38 +294,41 @@ def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[
         ShardError: the manifest itself is missing or unusable.
     """
     root = os.fspath(root)
-    m = load_manifest(root)
-    problems = local_file_problems(m, root) if is_local(root) else []
+    m = core.load_manifest(root)
+    local = core.is_local(root)
+    problems = core.local_file_problems(m, root) if local else []
     tolerated: list[str] = []
+    sink = tolerated if on_bad_sample == "skip" else problems
     enc, n_classes, size = m["image"]["encoding"], len(m["class_names"]), int(m["image"]["short_side"])
     found = {split: [0] * n_classes for split in m["counts"]}
     damaged: set[str] = set()
     for entry in m["shards"]:
-        url, split = join(root, entry["name"]), entry["split"]
+        url, split = core.join(root, entry["name"]), entry["split"]
         before = len(problems) + len(tolerated)
         samples: list[tuple[str, dict[str, bytes]]] = []
         try:
-            data = read_bytes(url)
+            data = core.read_bytes(url)
         except Exception as e:  # each transport has its own errors; a missing local shard is already listed
-            if not (is_local(root) and not os.path.isfile(url)):
+            if not (local and not os.path.isfile(url)):
                 problems.append(f"shard {url} cannot be read ({type(e).__name__}: {e})")
         else:
-            if (problem := shard_bytes_problem(data, entry)) and not (is_local(root) and len(data) != entry["bytes"]):
+            problem = core.shard_bytes_problem(data, entry)
+            if problem and not (local and len(data) != entry["bytes"]):  # a wrong size is listed already
                 problems.append(f"shard {url} {problem}")
             try:
-                samples = parse_tar(data, url)
+                samples = core.parse_tar(data, url)
             except ShardError as e:
                 problems.append(str(e))
             if samples and len(samples) != entry["count"]:
-                problems.append(f"shard {url} holds {len(samples)} samples, the manifest says {entry['count']}")
+                problems.append(f"shard {url} holds {len(samples)} samples, manifest: {entry['count']}")
         for sample in samples:
             try:
-                img, label = decode_sample(sample, enc, n_classes)
-            except BadSample as bad:
-                (tolerated if on_bad_sample == "skip" else problems).append(f"shard {url}, key {bad.key}: {bad.reason}")
+                img, label = core.decode_sample(sample, enc, n_classes)
+            except core.BadSample as bad:
+                sink.append(f"shard {url}, key {bad.key}: {bad.reason}")
                 continue
             if min(img.size) != size:
-                problems.append(f"shard {url}, key {sample[0]}: short side {min(img.size)}, the manifest says {size}")
+                problems.append(f"shard {url}, key {sample[0]}: short side {min(img.size)}, manifest: {size}")
             found[split][label] += 1
         if len(problems) + len(tolerated) > before:
             damaged.add(split)
@@ -353,28 +351,30 @@ def main(argv: list[str] | None = None) -> int:
                    f"holding them; images {' '.join(IMAGE_SUFFIXES)}) and hf (saved with save_to_disk)")
     b.add_argument("--out", help="output folder (default: shards/SOURCE or shards/<DIR's name>)")
     b.add_argument("--real-res", type=int, help="stored short side in pixels (default 256; digits 32)")
-    b.add_argument("--format", choices=IMAGE_FORMATS, help="encoding (default jpg; digits png)")
+    b.add_argument("--format", choices=core.IMAGE_FORMATS, help="encoding (default jpg; digits png)")
     b.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
-    b.add_argument("--test-fraction", type=float, default=0.1, help="held-out fraction when the source has no test split")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    b.add_argument("--test-fraction", type=float, default=0.1, help="held out if no test split (default 0.1)")
     b.add_argument("--split-seed", type=int, default=0, help="seed of that split and of the shard shuffle")
     b.add_argument("--image-column", default="image", help="hf: image column (default image)")
     b.add_argument("--label-column", default="label", help="hf: label column (default label)")
-    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new set is complete)")
-    b.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="raise", help="skip: leave out undecodable source images, listed in the manifest")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, once built")
+    b.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+                   help="skip: leave out undecodable source images (listed in the manifest)")
     v = sub.add_parser("verify", help="check hashes and counts and decode every sample")
     v.add_argument("root", help="shard set folder or URL prefix")
-    v.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="raise", help="skip: report bad samples but pass")
+    v.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+                   help="skip: report bad samples, and pass if nothing else is wrong")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            out = args.out or os.path.join("shards", os.path.basename(os.path.normpath(args.path or args.source)))
-            build(args.source, args.path, out=out, real_res=args.real_res, fmt=args.format, quality=args.quality,
-                  shard_size=args.shard_size, workers=args.workers, test_fraction=args.test_fraction,
-                  split_seed=args.split_seed, overwrite=args.overwrite, on_bad_sample=args.on_bad_sample,
-                  image_column=args.image_column, label_column=args.label_column,
-                  command=sys.argv[1:] if argv is None else argv)
+            name = os.path.basename(os.path.normpath(args.path or args.source))
+            build(args.source, args.path, out=args.out or os.path.join("shards", name),
+                  real_res=args.real_res, fmt=args.format, quality=args.quality, shard_size=args.shard_size,
+                  workers=args.workers, test_fraction=args.test_fraction, split_seed=args.split_seed,
+                  overwrite=args.overwrite, on_bad_sample=args.on_bad_sample, image_column=args.image_column,
+                  label_column=args.label_column, command=sys.argv[1:] if argv is None else argv)
             return 0
         problems, tolerated, summary = verify(args.root, on_bad_sample=args.on_bad_sample)
     except ShardError as e:
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {line}", file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        print(f"FAILED {summary}: {len(problems)} problems; {rebuild_hint(args.root)}", file=sys.stderr)
+        print(f"FAILED {summary}: {len(problems)} problems; {core.rebuild_hint(args.root)}", file=sys.stderr)
         return 1
     print(f"OK {summary}; sizes, sha256 and counts match, every sample decodes"
           + (f", {len(tolerated)} bad samples tolerated" if tolerated else ""))

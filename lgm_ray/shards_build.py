@@ -1,13 +1,11 @@
 """Write lgm_ray shard sets: ``python -m lgm_ray.shards build {digits | imagefolder DIR | hf DIR}``.
 
-Images are decoded once, resized so that the short side is ``real_res`` (uncropped), encoded once as
-JPEG or PNG and written with their class index into tar shards of ``shard_size`` samples, train and test
-apart. Samples are shuffled (``split_seed``) before sharding, so every shard mixes all classes. Tar
-members carry no timestamps or owners: the same inputs and options give byte-identical shards.
-
-A build writes into a hidden staging folder beside ``--out``; shards are encoded in parallel by a
-process pool, the manifest is written last (tmp file + ``os.replace``), and only then does the staging
-folder replace ``--out``. A failed build therefore leaves whatever was in ``--out`` untouched.
+Images are decoded once, resized to short side ``real_res`` (uncropped), encoded once as JPEG or PNG and
+written with their class index into tar shards, train and test apart. Samples are shuffled (``split_seed``)
+before sharding, so shards mix classes; tar members carry no timestamps or owners, so the same inputs and
+options give byte-identical shards. A process pool encodes shards into a hidden staging folder beside
+``--out``; the manifest is written last (tmp + ``os.replace``), then the staging folder replaces ``--out``,
+so a failed build leaves whatever was in ``--out`` untouched.
 """
 
 from __future__ import annotations
@@ -99,7 +97,8 @@ def digits_source(real_res: int) -> Source:
         images, labels = load_digits_split(split, res=real_res)
         arrays = np.rint(images.numpy() * 255.0).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         items[split] = [(a, int(y)) for a, y in zip(arrays, labels.tolist(), strict=True)]
-    return Source("digits", None, list(CLASS_NAMES), items, "fixed: lgm_ray.digits (stratified 80/20, seed 0)")
+    return Source("digits", None, list(CLASS_NAMES), items, "fixed: lgm_ray.digits (stratified 80/20)",
+                  {"originals": "8x8 grey, upsampled bilinearly to short_side by lgm_ray.digits"})
 
 
 def _class_files(folder: Path) -> dict[str, list[str]]:
@@ -120,10 +119,9 @@ def imagefolder_source(path: str, test_fraction: float, seed: int) -> Source:
     if not train:
         raise ShardError(f"{train_dir} holds no class sub-folders; lay it out as DIR/CLASS/IMAGE "
                          "or DIR/train/CLASS/IMAGE (+ DIR/test/CLASS/IMAGE)")
-    for name, files in train.items():
-        if not files:
-            raise ShardError(f"class folder {train_dir / name} holds no images ({' '.join(IMAGE_SUFFIXES)}); "
-                             "add images or remove the folder")
+    if empty := [str(train_dir / name) for name, files in train.items() if not files]:
+        raise ShardError(f"class folders {empty} hold no images ({' '.join(IMAGE_SUFFIXES)}); add images or "
+                         "remove those folders")
     names = list(train)
     flat = [(f, i) for i, name in enumerate(names) for f in train[name]]
     if train_dir == root or test_dir is None:
@@ -143,12 +141,13 @@ def hf_source(path: str, image_column: str, label_column: str, test_fraction: fl
     try:
         saved = datasets.load_from_disk(path)
     except Exception as e:  # datasets raises FileNotFoundError, ValueError, … for unusable folders
-        raise ShardError(f"cannot load a dataset saved with save_to_disk from {path} ({type(e).__name__}: {e})") from e
+        raise ShardError(f"cannot load a save_to_disk dataset from {path} ({type(e).__name__}: {e})") from e
     if isinstance(saved, datasets.DatasetDict):
         if "train" not in saved:
             raise ShardError(f"{path} has splits {list(saved)} but no 'train' split")
-        test_name = next((n for n in ("test", "validation") if n in saved), None)
-        parts = {"train": ("train", saved["train"])} | ({"test": (test_name, saved[test_name])} if test_name else {})
+        parts = {"train": ("train", saved["train"])}
+        for name in [n for n in ("test", "validation") if n in saved][:1]:
+            parts["test"] = (name, saved[name])
     else:
         parts = {"train": (None, saved)}
     first = parts["train"][1]
@@ -157,16 +156,13 @@ def hf_source(path: str, image_column: str, label_column: str, test_fraction: fl
             raise ShardError(f"{path}: no column {col!r} (columns: {first.column_names}); "
                              "name them with --image-column / --label-column")
     raw = {s: list(ds[label_column]) for s, (_, ds) in parts.items()}
-    feature = first.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
+    values, feature = {v for vs in raw.values() for v in vs}, first.features[label_column]
+    if isinstance(feature, datasets.ClassLabel) or all(isinstance(v, int) and v >= 0 for v in values):
+        names = list(getattr(feature, "names", None) or map(str, range(max(values, default=0) + 1)))
         index = {i: i for i in range(len(names))}
-    elif all(isinstance(v, int) and v >= 0 for vs in raw.values() for v in vs):
-        names = [str(i) for i in range(max(max(vs, default=0) for vs in raw.values()) + 1)]
-        index = {i: i for i in range(len(names))}
-    else:
-        names = sorted({str(v) for vs in raw.values() for v in vs})
-        index = {v: names.index(str(v)) for vs in raw.values() for v in set(vs)}
+    else:  # string labels: classes in sorted order
+        names = sorted({str(v) for v in values})
+        index = {v: names.index(str(v)) for v in values}
     items: dict[str, list[Item]] = {}
     for split, (name, _) in parts.items():
         items[split] = []
@@ -214,10 +210,8 @@ def open_ref(ref: Any) -> Image.Image:
 
 def describe(ref: Any) -> str:
     """Where an item comes from, for messages."""
-    if isinstance(ref, np.ndarray):
-        return "a digits image"
-    if isinstance(ref, str):
-        return f"image file {ref}"
+    if isinstance(ref, (str, np.ndarray)):
+        return f"image file {ref}" if isinstance(ref, str) else "a digits image"
     return f"row {ref[3]} of split {ref[2] or '(single)'} in {ref[1]}"
 
 
@@ -225,10 +219,7 @@ def encode(img: Image.Image, enc: Encoding) -> bytes:
     """Resize the short side to ``enc.real_res`` and encode."""
     img = resize_short(img.convert("RGB"), enc.real_res)
     buf = io.BytesIO()
-    if enc.fmt == "jpg":
-        img.save(buf, "JPEG", quality=enc.quality)
-    else:
-        img.save(buf, "PNG")
+    img.save(buf, "JPEG", quality=enc.quality) if enc.fmt == "jpg" else img.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -249,8 +240,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             except Exception as e:  # PIL and datasets raise many types on bad files
                 reason = f"does not decode ({type(e).__name__}: {e})"
                 if task.enc.on_bad_sample == "raise":
-                    raise ShardError(f"{describe(ref)} {reason}; it would be key {key} of shard {name}: fix or remove it, or pass "
-                                     "--on-bad-sample skip to leave such images out") from None
+                    raise ShardError(f"{describe(ref)} {reason} (key {key}, shard {name}); fix or remove it, "
+                                     "or pass --on-bad-sample skip to leave such images out") from None
                 skipped.append({"shard": name, "key": key, "source": describe(ref), "reason": reason})
                 continue
             _add(tar, f"{key}.{task.enc.fmt}", payload)
@@ -311,26 +302,29 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise ShardError(f"output folder {out} is not empty; pass --overwrite to replace it (the old set stays "
-                         "until the new one is complete) or choose another --out")
-    strangers = sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME and p.suffix != ".tar")
-    if strangers:
-        raise ShardError(f"output folder {out} holds files that are not part of a shard set ({', '.join(strangers[:5])}); "
-                         "--overwrite only replaces shard-set folders: move them away or choose another --out")
+        raise ShardError(f"output folder {out} is not empty; pass --overwrite to replace it (the old set "
+                         "stays until the new one is complete) or choose another --out")
+    if strangers := sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME and p.suffix != ".tar"):
+        raise ShardError(f"output folder {out} holds files not from a shard set ({strangers[:5]}); "
+                         "--overwrite only replaces shard-set folders: move them or choose another --out")
+
+
+def _require_train_images(names: list[str], counts: list[int], where: str) -> None:
+    if missing := [name for name, n in zip(names, counts, strict=True) if n == 0]:
+        raise ShardError(f"classes {missing} have no train images {where}; add some or drop those classes")
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
+    if out.exists():
+        os.replace(out, old)
     try:
         os.replace(staging, out)
     except BaseException:
-        os.replace(old, out)
+        if old.exists():
+            os.replace(old, out)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build(source: str, path: str | None = None, *, out: str, real_res: int | None = None,
@@ -344,8 +338,7 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
         The manifest written to ``out/manifest.json``.
 
     Raises:
-        ShardError: bad source (missing folder or column, empty class, undecodable image under
-            ``on_bad_sample="raise"``) or a non-empty ``out`` without ``overwrite``.
+        ShardError: bad source (missing folder or column, empty class, undecodable image) or ``out``.
         ValueError: bad options.
     """
     real_res = real_res or (32 if source == "digits" else 256)
@@ -354,16 +347,19 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
     if source not in SOURCES or (path is None) != (source == "digits"):
         raise ValueError(f"source must be 'digits' or 'imagefolder DIR' or 'hf DIR', got {source!r} {path!r}")
     if real_res < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0.0 <= test_fraction < 1.0:
-        raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, 1 ≤ --quality ≤ 100, 0 ≤ --test-fraction < 1")
+        raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, --quality 1..100, --test-fraction in [0, 1)")
     target = Path(out)
     _check_out(target, overwrite)
     started = time.monotonic()
-    if source == "digits":
-        src = digits_source(real_res)
-    elif source == "imagefolder":
-        src = imagefolder_source(str(path), test_fraction, split_seed)
-    else:
-        src = hf_source(str(path), image_column, label_column, test_fraction, split_seed)
+    src = (digits_source(real_res) if source == "digits"
+           else imagefolder_source(str(path), test_fraction, split_seed) if source == "imagefolder"
+           else hf_source(str(path), image_column, label_column, test_fraction, split_seed))
+    train_counts = np.bincount([y for _, y in src.items["train"]], minlength=len(src.class_names)).tolist()
+    _require_train_images(src.class_names, train_counts, f"in {path or source}")
+    flags = {"out": out, "real-res": real_res, "format": fmt, "quality": quality, "shard-size": shard_size,
+             "test-fraction": test_fraction, "split-seed": split_seed, "on-bad-sample": on_bad_sample}
+    args = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    command = command or ["build", source, *([path] if path else []), *args]
     staging = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -371,7 +367,7 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
         enc = Encoding(fmt, quality, real_res, on_bad_sample)
         tasks = plan_tasks(src, staging, enc, shard_size, split_seed)
         sizes = ", ".join(f"{s} {len(src.items.get(s, []))}" for s in SPLITS)
-        print(f"[shards] building {target} from {source} {path or ''}: {sizes} images, {len(src.class_names)} "
+        print(f"[shards] building {target} from {path or source}: {sizes} images, {len(src.class_names)} "
               f"classes, {len(tasks)} shards, {workers} workers", file=sys.stderr, flush=True)
         results = run_tasks(tasks, workers)
         counts = {s: [0] * len(src.class_names) for s in SPLITS}
@@ -379,19 +375,16 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
             for label in r.pop("labels"):
                 counts[r["split"]][label] += 1
         skipped = [s for r in results for s in r.pop("skipped")]
-        for c, n in enumerate(counts["train"]):
-            if n == 0:
-                raise ShardError(f"class {src.class_names[c]!r} has no train images left after leaving out "
-                                 f"{len(skipped)} bad ones; fix the source")
+        _require_train_images(src.class_names, counts["train"], f"without {len(skipped)} undecodable ones")
         manifest = {
             "format": "lgm_ray.shards", "format_version": FORMAT_VERSION, "name": target.name,
             "source": {"kind": src.kind, "path": src.path, **src.extra},
             "class_names": src.class_names, "counts": counts,
             "image": {"encoding": fmt, "quality": quality if fmt == "jpg" else None, "short_side": real_res,
-                      "resize": "short side to short_side, bilinear (antialiased), not cropped", "mode": "RGB"},
-            "split": {"method": src.split_method, "test_fraction": test_fraction, "seed": split_seed},
+                      "resize": "short side to short_side, bilinear, antialiased, uncropped", "mode": "RGB"},
+            "split": {"method": src.split_method, "seed": split_seed},
             "shard_size": shard_size, "shards": results, "skipped": skipped,
-            "command": shlex.join(["python", "-m", "lgm_ray.shards", *(command or ["build", source])]),
+            "command": shlex.join(["python", "-m", "lgm_ray.shards", *command]),
             "lgm_ray_version": __version__,
         }
         tmp = staging / (MANIFEST_NAME + ".tmp")

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import tarfile
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -35,7 +34,7 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_FORMATS = ("jpg", "png")
 ON_BAD_SAMPLE = ("raise", "skip")
 # Domain tags keep the random streams of different uses apart for one user seed.
-_TAG_ORDER, _TAG_UNIT, _TAG_PICK = 1, 2, 3
+TAG_ORDER, TAG_UNIT, TAG_PICK = 1, 2, 3
 
 Sample = tuple[str, dict[str, bytes]]
 
@@ -59,9 +58,6 @@ class BadSample(Exception):
         super().__init__(key, reason)
         self.key, self.reason = key, reason
 
-    def __str__(self) -> str:
-        return f"key {self.key}: {self.reason}"
-
 
 def rebuild_hint(root: str) -> str:
     """The advice every unrecoverable error ends with."""
@@ -84,16 +80,24 @@ def join(root: str, name: str) -> str:
 
 
 def read_bytes(url: str) -> bytes:
-    """Read a whole local file, ``pipe:`` command (WebDataset's gopen) or fsspec URL (s3, gs, http…)."""
-    if url.startswith("pipe:"):
+    """Read a whole local file, fsspec URL (s3, gs, http…) or ``pipe:`` command.
+
+    A URL whose fsspec backend is not installed (e.g. ``s3fs``) goes to WebDataset's gopen instead,
+    which handles ``pipe:``, ``http(s)`` (curl) and ``gs`` (gsutil).
+    """
+    if "://" in url and not url.startswith("pipe:"):
+        import fsspec
+
+        try:
+            with fsspec.open(url, "rb") as stream:
+                return stream.read()
+        except ImportError:  # "Install s3fs to access S3": say so, unless gopen can do without
+            if url.split("://", 1)[0] not in ("http", "https", "gs", "sftp", "ftps", "scp"):
+                raise
+    if "://" in url or url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
         with gopen(url, "rb") as stream:
-            return stream.read()
-    if "://" in url:
-        import fsspec
-
-        with fsspec.open(url, "rb") as stream:
             return stream.read()
     with open(url, "rb") as stream:
         return stream.read()
@@ -105,10 +109,8 @@ def load_manifest(root: str) -> dict[str, Any]:
     try:
         raw = read_bytes(url)
     except Exception as e:  # each transport has its own errors: missing file, failed pipe, network
-        raise ShardError(
-            f"cannot read the manifest {url} ({type(e).__name__}: {e}); build the shard set with "
-            f"`python -m lgm_ray.shards build SOURCE --out {root}`"
-        ) from e
+        raise ShardError(f"cannot read the manifest {url} ({type(e).__name__}: {e}); build the shard set "
+                         f"with `python -m lgm_ray.shards build SOURCE --out {root}`") from e
     try:
         manifest = json.loads(raw)
     except ValueError as e:
@@ -129,10 +131,8 @@ def check_manifest(m: Any, root: str) -> None:
         fail(f"format_version is {version!r}, this lgm_ray reads {FORMAT_VERSION}")
     try:
         names, counts = list(m["class_names"]), m["counts"]
-        if not names:
-            fail("lists no classes")
-        if "train" not in counts:
-            fail("has no train split")
+        if not names or "train" not in counts:
+            fail("lists no classes or no train split")
         for split, per_class in counts.items():
             if len(per_class) != len(names):
                 fail(f"{split} counts list {len(per_class)} classes, class_names {len(names)}")
@@ -147,7 +147,7 @@ def check_manifest(m: Any, root: str) -> None:
                 fail(f"shard {name} has an unknown split {split!r} or is listed twice")
             seen.add(name)
             totals[split] += int(entry["count"])
-            str(entry["sha256"]), int(entry["bytes"])
+            str(entry["sha256"]), int(entry["bytes"])  # present and numeric, or malformed (below)
         for split, per_class in counts.items():
             if sum(per_class) != totals[split]:
                 fail(f"counts differ: the {split} classes add up to {sum(per_class)} samples but its "
@@ -170,7 +170,7 @@ def local_file_problems(m: dict[str, Any], root: str) -> list[str]:
                             "(truncated or replaced)")
     for name in sorted(os.listdir(root)):
         if name.endswith(".tar") and name not in listed:
-            problems.append(f"shard {join(root, name)} is not listed in the manifest (left from another build?)")
+            problems.append(f"shard {join(root, name)} is not listed in the manifest (from another build?)")
     return problems
 
 
@@ -235,7 +235,7 @@ def parse_label(parts: dict[str, bytes], key: str, num_classes: int) -> int:
     except (UnicodeDecodeError, ValueError):
         raise BadSample(key, f"label {raw[:16]!r} is not an ASCII integer") from None
     if not 0 <= label < num_classes:
-        raise BadSample(key, f"label {label} is outside the manifest's {num_classes} classes (0..{num_classes - 1})")
+        raise BadSample(key, f"label {label} is outside the manifest's {num_classes} classes")
     return label
 
 
@@ -247,8 +247,11 @@ def decode_sample(sample: Sample, encoding: str, num_classes: int) -> tuple[Imag
     if payload is None:
         raise BadSample(key, f"has no '{encoding}' image (members: {sorted(parts)})")
     try:
-        with Image.open(io.BytesIO(payload)) as img:
-            return img.convert("RGB"), label
+        img = Image.open(io.BytesIO(payload))
+        img.load()
+        return (img if img.mode == "RGB" else img.convert("RGB")), label
+    except Image.UnidentifiedImageError:
+        raise BadSample(key, f"image does not decode (not a recognisable {encoding})") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, … on malformed data
         raise BadSample(key, f"image does not decode ({type(e).__name__}: {e})") from None
 
@@ -267,7 +270,7 @@ def crop_array(img: Image.Image, size: int, fx: float | None = None, fy: float |
     w, h = img.size
     x = (w - size) // 2 if fx is None else int(fx * (w - size + 1))
     y = (h - size) // 2 if fy is None else int(fy * (h - size + 1))
-    return np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.uint8)
+    return np.asarray(img, dtype=np.uint8)[y:y + size, x:x + size]
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,10 @@ class Reader:
             rng = np.random.default_rng(list(unit.rng_key))
             picked = [picked[i] for i in rng.permutation(len(picked))]
             offsets = rng.random((len(picked), 2))  # drawn for all, so a skipped sample shifts no crop
-        arrays, labels, keys, skipped = [], [], [], []
+        images = torch.empty((len(picked), 3, unit.crop, unit.crop), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            images.share_memory_()  # filled in place, so nothing is copied on the way to the main process
+        labels, keys, skipped, out = [], [], [], images.numpy()  # numpy: torch's strided copy is slow here
         for i, sample in enumerate(picked):
             try:
                 img, label = decode_sample(sample, self.encoding, self.num_classes)
@@ -321,14 +327,10 @@ class Reader:
                 skipped.append(self.bad(url, bad))
                 continue
             fx, fy = (None, None) if offsets is None else offsets[i]
-            arrays.append(crop_array(resize_short(img, unit.size), unit.crop, fx, fy))
+            out[len(keys)] = crop_array(resize_short(img, unit.size), unit.crop, fx, fy).transpose(2, 0, 1)
             labels.append(label)
             keys.append(sample[0])
-        if arrays:
-            images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        else:
-            images = torch.empty((0, 3, unit.crop, unit.crop), dtype=torch.uint8)
-        return unit.uid, images, torch.tensor(labels, dtype=torch.int64), keys, skipped
+        return unit.uid, images[:len(keys)], torch.tensor(labels, dtype=torch.int64), keys, skipped
 
 
 @dataclass(frozen=True)
@@ -344,11 +346,11 @@ class TrainUnits:
     def __iter__(self) -> Iterator[Unit]:
         base = (self.seed, self.rank, self.world_size)
         for epoch in count():
-            order = np.random.default_rng([_TAG_ORDER, *base, epoch]).permutation(len(self.plan))
+            order = np.random.default_rng([TAG_ORDER, *base, epoch]).permutation(len(self.plan))
             for j, k in enumerate(order):
                 shard, offset, stride, phase = self.plan[k]
                 yield Unit(epoch * len(self.plan) + j, shard, offset, stride, phase, self.size, self.size,
-                           (_TAG_UNIT, *base, epoch, shard))
+                           (TAG_UNIT, *base, epoch, shard))
 
 
 class UnitDataset(torch.utils.data.IterableDataset):
@@ -357,12 +359,16 @@ class UnitDataset(torch.utils.data.IterableDataset):
     def __init__(self, reader: Reader, units: Iterable[Unit]) -> None:
         self.reader, self.units = reader, units
 
-    def __iter__(self) -> Iterator[Decoded]:
+    def __iter__(self) -> Iterator[Decoded | tuple[int, ShardError]]:
         info = torch.utils.data.get_worker_info()
         n, me = (1, 0) if info is None else (info.num_workers, info.id)
         for unit in self.units:
             if unit.uid % n == me:
-                yield self.reader.decode_unit(unit)
+                try:
+                    yield self.reader.decode_unit(unit)
+                except ShardError as e:  # handed back whole: the DataLoader would bury it in a traceback
+                    yield unit.uid, e
+                    return
 
 
 def decoded_units(reader: Reader, units: Iterable[Unit], num_workers: int) -> Iterator[Decoded]:
@@ -371,29 +377,16 @@ def decoded_units(reader: Reader, units: Iterable[Unit], num_workers: int) -> It
         yield from (reader.decode_unit(u) for u in units)
         return
     loader = torch.utils.data.DataLoader(UnitDataset(reader, units), batch_size=None, num_workers=num_workers)
-    pending: dict[int, Decoded] = {}
+    pending: dict[int, Any] = {}
     expected = 0
     for item in loader:  # already in uid order (round-robin); the buffer only guards that assumption
         pending[item[0]] = item
         while expected in pending:
-            yield pending.pop(expected)
+            ready = pending.pop(expected)
+            if isinstance(ready[1], ShardError):
+                raise ready[1]
+            yield ready
             expected += 1
-
-
-def take(queue: deque[list[Any]], n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Pop ``n`` samples off a queue of [images, labels, keys, start] parts as one float batch."""
-    pieces = []
-    while n:
-        part = queue[0]
-        images, labels, keys, start = part
-        k = min(n, len(keys) - start)
-        pieces.append((images[start:start + k], labels[start:start + k], keys[start:start + k]))
-        part[3] += k
-        n -= k
-        if part[3] == len(keys):
-            queue.popleft()
-    images = torch.cat([p[0] for p in pieces]).float().div_(255.0)
-    return images, torch.cat([p[1] for p in pieces]), [k for p in pieces for k in p[2]]
 
 
 def to_tensor(arrays: list[np.ndarray], crop: int) -> torch.Tensor:

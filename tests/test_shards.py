@@ -31,7 +31,8 @@ def _write_images(folder: Path, per_class: dict[str, int], sizes: Callable[[int]
         for i in range(n):
             w, h = sizes(i)
             ext = "png" if fmt == "PNG" else "jpg"
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name / f"{i:03d}.{ext}", fmt)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i:03d}.{ext}", fmt)
 
 
 def _tar_members(path: Path) -> list[tuple[str, bytes]]:
@@ -103,8 +104,8 @@ def square_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("square")
     _write_images(base / "src", {"a": 20, "b": 20, "c": 20}, lambda i: (8, 8))
     out = base / "set"
-    assert main(["build", "imagefolder", str(base / "src"), "--out", str(out), "--real-res", "8", "--format", "png",
-                 "--shard-size", "10", "--test-fraction", "0.25", "--workers", "2"]) == 0
+    assert main(["build", "imagefolder", str(base / "src"), "--out", str(out), "--real-res", "8",
+                 "--format", "png", "--shard-size", "10", "--test-fraction", "0.25", "--workers", "2"]) == 0
     return out
 
 
@@ -146,7 +147,7 @@ def test_build_digits_manifest_and_contents(tmp_path: Path) -> None:
     assert m["counts"]["train"] == torch.bincount(load_digits_split("train", 32)[1], minlength=10).tolist()
     s = ShardSet(str(out))
     total, seen = torch.zeros(3, 32, 32), []
-    for x, y, keys in s.iter_split("test", batch_size=100):
+    for x, y, _ in s.iter_split("test", batch_size=100):
         total += x.sum(0)
         seen += y.tolist()
     assert sorted(seen) == sorted(labels.tolist())
@@ -175,6 +176,7 @@ def test_build_imagefolder_train_test_folders(tmp_path: Path) -> None:
     m = build("imagefolder", str(tmp_path / "src"), out=str(tmp_path / "set"), real_res=9, workers=1)
     assert m["counts"] == {"train": [5, 3], "test": [2, 1]}
     assert m["split"]["method"].startswith("folders")
+    assert "build imagefolder" in m["command"] and "--real-res 9" in m["command"]
     assert main(["verify", str(tmp_path / "set")]) == 0
 
 
@@ -186,23 +188,32 @@ def _hf_images(n: int) -> list[Image.Image]:
 def test_build_hf_dataset_dict_with_classlabel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["zebra", "ant"])})
-    train = datasets.Dataset.from_dict({"image": _hf_images(6), "label": [0, 1, 0, 1, 0, 1]}, features=features)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["zebra", "ant"])})
+    train = datasets.Dataset.from_dict({"image": _hf_images(6), "label": [0, 1] * 3}, features=features)
     val = datasets.Dataset.from_dict({"image": _hf_images(2), "label": [1, 0]}, features=features)
     datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "hf"))
-    assert main(["build", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "set"), "--real-res", "10"]) == 0
+    assert main(["build", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "set"),
+                 "--real-res", "10"]) == 0
     m = _manifest(tmp_path / "set")
     assert m["class_names"] == ["zebra", "ant"]
     assert m["counts"] == {"train": [3, 3], "test": [1, 1]}
+    assert "[shards] train-000000.tar: 6 samples" in capsys.readouterr().err  # progress, a line per shard
     assert main(["verify", str(tmp_path / "set")]) == 0
     assert capsys.readouterr().out.startswith("OK ")
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    datasets.Dataset.from_dict({"image": _hf_images(2), "label": [0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "hf_empty"))
+    with pytest.raises(ShardError, match=r"classes \['c'\] have no train images"):
+        build("hf", str(tmp_path / "hf_empty"), out=str(tmp_path / "empty"))
 
 
 def test_build_hf_single_dataset_custom_columns(tmp_path: Path) -> None:
     import datasets
 
-    ds = datasets.Dataset.from_dict({"img": _hf_images(12), "y": [0, 1, 2] * 4},
-                                    features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")}))
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"img": _hf_images(12), "y": [0, 1, 2] * 4}, features=features)
     ds.save_to_disk(str(tmp_path / "hf"))
     assert main(["build", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "set"), "--real-res", "6",
                  "--image-column", "img", "--label-column", "y", "--test-fraction", "0.25"]) == 0
@@ -226,7 +237,7 @@ def test_overwrite_refused_then_replaced_and_kept_on_failure(square_set: Path, t
     assert (out / "manifest.json").read_bytes() == before
     (tmp_path / "src" / "r").mkdir()  # an empty class: this build fails, the old set must survive
     assert main([*args, "--overwrite"]) == 1
-    assert "holds no images" in capsys.readouterr().err
+    assert "hold no images" in capsys.readouterr().err
     assert (out / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "src"]  # no staging folder left behind
     (tmp_path / "src" / "r").rmdir()
@@ -240,7 +251,7 @@ def test_overwrite_refused_then_replaced_and_kept_on_failure(square_set: Path, t
 def test_build_empty_class_folder(tmp_path: Path) -> None:
     _write_images(tmp_path / "src", {"a": 2}, lambda i: (8, 8))
     (tmp_path / "src" / "b").mkdir()
-    with pytest.raises(ShardError, match=r"class folder .*b holds no images"):
+    with pytest.raises(ShardError, match=r"class folders \['.*b'\] hold no images"):
         build("imagefolder", str(tmp_path / "src"), out=str(tmp_path / "set"))
     assert not (tmp_path / "set").exists()
 
@@ -248,7 +259,8 @@ def test_build_empty_class_folder(tmp_path: Path) -> None:
 def test_build_skips_undecodable_source_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write_images(tmp_path / "src", {"a": 4, "b": 4}, lambda i: (8, 8))
     (tmp_path / "src" / "a" / "broken.png").write_bytes(b"not a png")
-    args = ["build", "imagefolder", str(tmp_path / "src"), "--out", str(tmp_path / "set"), "--test-fraction", "0"]
+    args = ["build", "imagefolder", str(tmp_path / "src"), "--out", str(tmp_path / "set"),
+            "--test-fraction", "0"]
     assert main(args) == 1
     assert "broken.png does not decode" in capsys.readouterr().err
     assert main([*args, "--on-bad-sample", "skip"]) == 0
@@ -352,7 +364,7 @@ def test_random_per_class_and_class_images(square_set: Path) -> None:
         assert sorted(keys) == sorted(k for k, label in truth.items() if label == c)
         assert images.shape == (15, 3, 8, 8)
         assert {_h(i) for i in x[y == c]} <= {_h(i) for i in images}
-    with pytest.raises(ValueError, match="fewer than n=16"):
+    with pytest.raises(ValueError, match="has only 15 train samples, n=16"):
         s.random_per_class(0, n=16)
 
 
@@ -408,10 +420,11 @@ def test_bad_sample(bad_copy: Path, member_ext: str, payload: bytes, problem: st
     key = _first_key(bad_copy, "train-000002.tar")
     _rewrite_shard(bad_copy, "train-000002.tar", _replace(f"{key}.{member_ext}", payload))
     s = ShardSet(str(bad_copy))
-    with pytest.raises(ShardError, match=rf"train-000002.tar, key {key}: {re.escape(problem)}.*on_bad_sample='skip'"):
+    message = rf"train-000002.tar, key {key}: {re.escape(problem)}.*on_bad_sample='skip'"
+    with pytest.raises(ShardError, match=message):
         list(s.iter_split("train"))
-    with pytest.raises(ShardError, match=rf"key {key}"):
-        _take(s.train_stream(8, seed=0), 10)
+    with pytest.raises(ShardError, match=rf"^shard \S+{message}"):  # from a worker: the message alone
+        _take(s.train_stream(8, seed=0, num_workers=2), 10)
     assert main(["verify", str(bad_copy)]) == 1
     assert f"train-000002.tar, key {key}: {problem}" in capsys.readouterr().err
 
@@ -466,6 +479,8 @@ def test_skip_policy_counts_and_reports(bad_copy: Path, capsys: pytest.CaptureFi
     assert len(keys) == 43 and k1 not in keys and k2 not in keys
     assert sorted(x.key for x in s.skipped) == sorted([k1, k2])
     assert all(x.shard.endswith("train-000003.tar") for x in s.skipped)
+    reasons = sorted(x.reason.split(" (")[0] for x in s.skipped)
+    assert reasons == ["image does not decode", "label 9 is outside the manifest's 3 classes"]
     list(s.iter_split("train"))
     assert len(s.skipped) == 2  # each bad sample listed once
     streamed = ShardSet(str(bad_copy), on_bad_sample="skip")
