@@ -34,6 +34,7 @@ class DistillConfig:
     augs_per_batch: int = 10
     param: str = "pyramid"
     color: bool = True  # colour decorrelation
+    grey: bool = False  # distil grey images (one channel shown as three), for grey datasets
     aug: str = "standard"
     syn_res: int = 256
     real_res: int = 256

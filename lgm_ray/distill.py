@@ -35,7 +35,7 @@ from lgm_ray.synset import SyntheticSet, synset_payload
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that must match between a checkpoint and the run resuming it.
-_RESUME_KEYS = ("backbone", "shards", "ipc", "augs_per_batch", "param", "color", "aug", "syn_res",
+_RESUME_KEYS = ("backbone", "shards", "ipc", "augs_per_batch", "param", "color", "grey", "aug", "syn_res",
                 "real_res", "crop_res", "pyramid_extent", "head_std", "seed", "lr")
 
 
@@ -75,7 +75,8 @@ class Distiller:
         self.num_classes = self.source.num_classes
         init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
         self.synset = SyntheticSet(
-            self.num_classes, cfg.ipc, cfg.syn_res, param=cfg.param, decorrelate=cfg.color, generator=init_gen
+            self.num_classes, cfg.ipc, cfg.syn_res, param=cfg.param, decorrelate=cfg.color,
+            channels=1 if cfg.grey else 3, generator=init_gen,
         ).to(self.device)
         self.optimizer = self._new_optimizer()
         self.step = 0
@@ -229,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
     p.add_argument("--no-color", dest="color", action="store_false", default=None,
                    help="turn off the colour decorrelation (ablation)")
+    p.add_argument("--grey", dest="grey", action="store_true", default=None,
+                   help="distil grey images (for grey datasets such as digits)")
     return p.parse_args(argv)
 
 

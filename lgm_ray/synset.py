@@ -60,6 +60,8 @@ class SyntheticSet(nn.Module):
         res: side of the rendered images.
         param: ``"pyramid"`` or ``"pixel"``.
         decorrelate: apply the fixed colour decorrelation before the sigmoid.
+        channels: 3 (colour, the paper) or 1 — grey images rendered as three equal channels, for
+            grey datasets whose backbone never saw colour (decorrelation does not apply).
         classes: the classes this set owns (default: all), in increasing order.
         start_levels: pyramid levels present at the start (the reference's ``pyramid_start_res``
             of 1 means one level).
@@ -75,6 +77,7 @@ class SyntheticSet(nn.Module):
         *,
         param: str = "pyramid",
         decorrelate: bool = True,
+        channels: int = 3,
         classes: Sequence[int] | None = None,
         start_levels: int = 1,
         generator: torch.Generator | None = None,
@@ -85,6 +88,8 @@ class SyntheticSet(nn.Module):
             raise ValueError(f"unknown parameterisation {param!r}; choose one of {PARAMETERISATIONS}")
         if ipc < 1:
             raise ValueError(f"ipc (images per class) must be ≥ 1, got {ipc}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 3 (colour) or 1 (grey), got {channels}")
         if init not in ("noise", "zero"):
             raise ValueError(f"init must be 'noise' or 'zero', got {init!r}")
         classes = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
@@ -94,18 +99,19 @@ class SyntheticSet(nn.Module):
         self.ipc = ipc
         self.res = res
         self.param = param
-        self.decorrelate = decorrelate
+        self.decorrelate = decorrelate and channels == 3
+        self.channels = channels
         self.init = init
         self.classes = classes
         self.register_buffer("labels", torch.tensor(classes, dtype=torch.long).repeat_interleave(ipc))
         self._generator = generator
         n = len(self.labels)
         if param == "pixel":
-            self.levels = nn.ParameterList([nn.Parameter(self._noise((n, 3, res, res)))])
+            self.levels = nn.ParameterList([nn.Parameter(self._noise((n, channels, res, res)))])
         else:
             sides = pyramid_resolutions(res)[: max(1, start_levels)]
             self.levels = nn.ParameterList(
-                [nn.Parameter(self._noise((n, 3, s, s)) / len(sides)) for s in sides]
+                [nn.Parameter(self._noise((n, channels, s, s)) / len(sides)) for s in sides]
             )
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -141,7 +147,7 @@ class SyntheticSet(nn.Module):
         device = self.levels[0].device
         for p in self.levels:
             p.mul_(n_old / n_new)
-        new = self._noise((self.num_images, 3, side, side), generator).to(device) / n_new
+        new = self._noise((self.num_images, self.channels, side, side), generator).to(device) / n_new
         self.levels.append(nn.Parameter(new))
         return True
 
@@ -164,7 +170,8 @@ class SyntheticSet(nn.Module):
             x = up if x is None else x + up
         if self.decorrelate:
             x = decorrelate_color(x)
-        return torch.sigmoid(2.0 * x)
+        x = torch.sigmoid(2.0 * x)
+        return x.expand(-1, 3, -1, -1) if self.channels == 1 else x
 
     def config(self) -> dict:
         """The constructor arguments needed to rebuild this set (for checkpoints)."""
@@ -174,6 +181,7 @@ class SyntheticSet(nn.Module):
             "res": self.res,
             "param": self.param,
             "decorrelate": self.decorrelate,
+            "channels": self.channels,
             "classes": list(self.classes),
             "init": self.init,
             "n_levels": len(self.levels),

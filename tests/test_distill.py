@@ -121,3 +121,21 @@ def test_missing_cuda_is_a_clear_error(tmp_path):
         pytest.skip("a CUDA device is visible")
     with pytest.raises(SystemExit, match="no CUDA device"):
         main(["--device", "cuda", "--out", str(Path(tmp_path) / "c")])
+
+
+def test_distills_from_webdataset_shards(tmp_path):
+    from lgm_ray.shards import main as shards_main
+
+    root = tmp_path / "shards"
+    assert shards_main(["build", "digits", "--out", str(root), "--real-res", "16", "--shard-size", "400"]) == 0
+    summary = main([*FAST, "--shards", str(root), "--steps", "3", "--ckpt-every", "2", "--out", str(tmp_path / "o")])
+    payload = torch.load(tmp_path / "o" / "synset.pt", weights_only=False)
+    assert summary["steps"] == 3
+    assert payload["class_names"] == [str(i) for i in range(10)]
+
+
+def test_grey_images_for_grey_datasets(tmp_path):
+    main([*FAST, "--steps", "2", "--grey", "--out", str(tmp_path / "g")])
+    images = torch.load(tmp_path / "g" / "synset.pt", weights_only=False)["images"]
+    assert images.shape[1] == 3
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
