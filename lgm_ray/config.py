@@ -36,6 +36,8 @@ class DistillConfig:
     color: bool = True  # colour decorrelation
     grey: bool = False  # distil grey images (one channel shown as three), for grey datasets
     aug: str = "standard"
+    aug_noise_p: float = 0.5  # probability of the additive N(0.5, 0.2²) noise
+    aug_min_scale: float = 0.08  # smallest crop area fraction of the random resized crop
     syn_res: int = 256
     real_res: int = 256
     crop_res: int = 224
@@ -61,6 +63,10 @@ class DistillConfig:
                 raise bad(name, "must be a positive integer")
         if self.lr <= 0:
             raise bad("lr", "must be > 0 (the paper uses 2e-3)")
+        if not 0 <= self.aug_noise_p <= 1:
+            raise bad("aug_noise_p", "must be a probability in [0, 1]")
+        if not 0 < self.aug_min_scale <= 1:
+            raise bad("aug_min_scale", "must be in (0, 1]")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise bad("micro_batch", "must be ≥ 1, or null for one pass")
         if self.param not in ("pyramid", "pixel"):

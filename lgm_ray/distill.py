@@ -35,7 +35,7 @@ from lgm_ray.synset import SyntheticSet, synset_payload
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that must match between a checkpoint and the run resuming it.
-_RESUME_KEYS = ("backbone", "shards", "ipc", "augs_per_batch", "param", "color", "grey", "aug", "syn_res",
+_RESUME_KEYS = ("backbone", "shards", "ipc", "augs_per_batch", "param", "color", "grey", "aug", "aug_noise_p", "aug_min_scale", "syn_res",
                 "real_res", "crop_res", "pyramid_extent", "head_std", "seed", "lr")
 
 
@@ -71,7 +71,8 @@ class Distiller:
             cfg.backbone, weights=cfg.weights, img_size=cfg.crop_res, normalization=cfg.normalization,
             device=self.device,
         )
-        self.spec = AugSpec(mode=cfg.aug, crop_res=cfg.crop_res)
+        self.spec = AugSpec(mode=cfg.aug, crop_res=cfg.crop_res, noise_p=cfg.aug_noise_p,
+                            scale=(cfg.aug_min_scale, 1.0))
         self.num_classes = self.source.num_classes
         init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
         self.synset = SyntheticSet(
@@ -221,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     flag = {
         "backbone": str, "weights": str, "normalization": str, "shards": str, "steps": int, "lr": float,
-        "ipc": int, "augs_per_batch": int, "param": str, "aug": str, "syn_res": int, "real_res": int,
+        "ipc": int, "augs_per_batch": int, "param": str, "aug": str, "aug_noise_p": float, "aug_min_scale": float, "syn_res": int, "real_res": int,
         "crop_res": int, "pyramid_extent": int, "head_std": float, "micro_batch": int, "amp": str,
         "seed": int, "out": str, "device": str, "ckpt_every": int, "log_every": int, "num_workers": int,
         "step_delay": float,
