@@ -156,7 +156,7 @@ def _scaled_input_grad(z: torch.Tensor, src: torch.Tensor, dz: torch.Tensor) -> 
     retry = z.dtype == torch.float16
     for _ in range(4 if retry else 1):
         (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=retry)
-        if torch.isfinite(grad).all():
+        if not retry or torch.isfinite(grad).all():
             return grad.float() / scale
         scale /= 2.0**8
     raise FloatingPointError("non-finite image gradients even after reducing the loss scale")
