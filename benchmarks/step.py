@@ -4,8 +4,9 @@ Measures, on the same backbone, batch and augmentation parameters:
 
 * time per step of the reference formulation (``create_graph=True`` through the backbone) and of
   lgm_ray's step in single-pass mode (graph kept, one forward) and in two-pass micro-batched mode;
-* peak memory of each (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS
-  above its level after set-up, each configuration in a fresh process);
+* peak memory of each (CUDA: ``torch.cuda.max_memory_allocated`` above the set-up; CPU: the
+  process's peak RSS above its level after set-up, warm-up step included, each configuration in a
+  fresh process);
 * peak memory of the micro-batched step at augs_per_batch 10 / 20 / 40.
 
 It prints one line per configuration and the ratios the core issue sets as goals: step time of
@@ -72,9 +73,10 @@ def run_one(args: argparse.Namespace, mode: str, augs: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # CPU: peak RSS is a high-water mark, so take the baseline before the first step runs.
+    base_rss = _rss_mb()
     step()  # warm-up (allocator, kernels)
     sync()
-    base_rss = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
