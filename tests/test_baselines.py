@@ -11,24 +11,6 @@ from lgm_ray import baselines as bl
 from lgm_ray.synset import synset_payload
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> str:
-    """The digits shards, built once per session (shared with test_evaluate.py through the path)."""
-    out = tmp_path_factory.getbasetemp() / "lgm_eval_digits_shards"
-    if not (out / "manifest.json").is_file():
-        from lgm_ray.shards import main as shards_main
-
-        assert shards_main(["build", "digits", "--out", str(out)]) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def shards(digits_shards):
-    from lgm_ray.shards import ShardSet
-
-    return ShardSet(digits_shards)
-
-
 def test_centroid_is_the_image_nearest_the_class_mean():
     feats = torch.tensor([
         [0.0, 0.0], [10.0, 0.0], [4.0, 1.0], [5.0, -1.0],  # class 0: mean (4.75, 0) → index 3

@@ -9,15 +9,13 @@ import torch
 
 from lgm_ray.distill import main as distill_main
 from lgm_ray.evaluate import evaluate_baseline, evaluate_synset
-from lgm_ray.shards import main as shards_main
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "digits_demo.yaml"
 
 
 @pytest.mark.slow
-def test_demo_distilled_set_beats_random_real_images(tmp_path):
-    shards = tmp_path / "digits"
-    assert shards_main(["build", "digits", "--out", str(shards)]) == 0
+def test_demo_distilled_set_beats_random_real_images(tmp_path, digits_shards):
+    shards = digits_shards
     distill_main(["--config", str(DEMO), "--shards", str(shards), "--out", str(tmp_path / "run"), "--log-every", "250"])
     payload = torch.load(tmp_path / "run" / "synset.pt", weights_only=False)
     common = {"real_res": 32, "crop_res": 32, "epochs": 300, "seeds": 2, "cache_dir": tmp_path / "cache"}

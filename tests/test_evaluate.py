@@ -18,24 +18,6 @@ BACKBONE = "digits_simclr_cnn"
 FAST = {"real_res": 32, "crop_res": 32, "epochs": 10, "seeds": 2}
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> str:
-    """The digits shards, built once per session (shared with test_baselines.py through the path)."""
-    out = tmp_path_factory.getbasetemp() / "lgm_eval_digits_shards"
-    if not (out / "manifest.json").is_file():
-        from lgm_ray.shards import main as shards_main
-
-        assert shards_main(["build", "digits", "--out", str(out)]) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def shards(digits_shards):
-    from lgm_ray.shards import ShardSet
-
-    return ShardSet(digits_shards)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("feature_cache"))
