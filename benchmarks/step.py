@@ -12,8 +12,18 @@ Measures, on the same backbone, batch and augmentation parameters:
 It prints one line per configuration and the ratios the core issue sets as goals: step time of
 lgm_ray / reference (≤ 1.0) and micro-batched peak memory at augs 40 / augs 10 (≤ 1.5).
 
+``--noise`` measures the augmentation's additive noise alone, at ImageNet-1k's view count
+(1,000 classes × 3 augs_per_batch = 3,000 views of 224 px by default): the old implementation (a CPU
+draw per view in a Python loop, then a copy to the device; kept below as ``noise_loop``) against
+:func:`lgm_ray.augment.view_noise` (a counter-based hash, vectorised, on the device). It applies the
+noise the way a step does, a micro-batch of views at a time, and prints its cost per step and its
+share of a step of ``--step-seconds`` (a measured step time of that configuration, noise excluded).
+``--noise-impl loop`` runs the full-step comparison above with the old noise instead.
+
     python benchmarks/step.py                                  # CPU, the demo CNN on digits-sized images
     python benchmarks/step.py --device cuda --backbone dinov2_vitb14 --classes 100 --res 224
+    python benchmarks/step.py --noise --out benchmarks/results/noise_cpu.txt
+    python benchmarks/step.py --noise --device cuda --step-seconds 6.6
 """
 
 from __future__ import annotations
@@ -26,6 +36,25 @@ import sys
 import time
 
 import torch
+
+from lgm_ray.augment import AugParams, AugSpec
+
+
+def noise_loop(params: AugParams, spec: AugSpec, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """lgm_ray's augmentation noise before issue 8, kept for the comparison: one CPU draw per view."""
+    out = torch.zeros((len(params), *shape), device=device, dtype=dtype)
+    for i in torch.nonzero(params.noise_on).flatten().tolist():
+        g = torch.Generator().manual_seed(int(params.noise_seed[i]))
+        out[i] = (torch.randn(shape, generator=g) * spec.noise_std + spec.noise_mean).to(device, dtype)
+    return out
+
+
+def _use_noise(impl: str) -> None:
+    """Make :func:`lgm_ray.augment.apply` add the old (``loop``) or the current (``hash``) noise."""
+    import lgm_ray.augment as augment
+
+    if impl == "loop":
+        augment.view_noise = noise_loop
 
 
 def _rss_mb() -> float:
@@ -41,11 +70,12 @@ def run_one(args: argparse.Namespace, mode: str, augs: int) -> dict:
     from lgm_ray.synset import SyntheticSet
 
     dev = torch.device(args.device)
+    _use_noise(args.noise_impl)
     torch.manual_seed(0)
     bb = create_backbone(args.backbone, pretrained=args.backbone == "digits_simclr_cnn", img_size=args.crop, device=dev)
     spec = AugSpec(crop_res=args.crop)
     g = torch.Generator().manual_seed(0)
-    syn = SyntheticSet(args.classes, args.ipc, args.res, start_levels=99, generator=g).to(dev)
+    syn = SyntheticSet(args.classes, args.ipc, args.res, start_levels=99, seed=0).to(dev)
     n_real = args.ipc * augs * args.classes
     x_real = torch.rand(n_real, 3, args.res, args.res, generator=g).to(dev)
     y_real = torch.randint(0, args.classes, (n_real,), generator=g).to(dev)
@@ -107,7 +137,7 @@ def _child(args: argparse.Namespace, mode: str, augs: int) -> dict:
 
 
 def _forward_args(args: argparse.Namespace) -> list[str]:
-    keys = ("backbone", "device", "classes", "ipc", "res", "crop", "repeats", "micro_batch", "amp")
+    keys = ("backbone", "device", "classes", "ipc", "res", "crop", "repeats", "micro_batch", "amp", "noise_impl")
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -118,27 +148,117 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--res", type=int, default=32, help="synthetic and real image side")
-    p.add_argument("--crop", type=int, default=32, help="augmented crop side fed to the backbone")
+    p.add_argument("--crop", type=int, default=None,
+                   help="augmented crop side fed to the backbone (default 32; 224 with --noise)")
     p.add_argument("--augs", type=int, default=10, help="augs_per_batch of the time comparison")
-    p.add_argument("--memory-augs", default="10,20,40", help="augs_per_batch values of the memory sweep")
+    p.add_argument("--memory-augs", default="10,20,40", help="augs_per_batch values of the memory sweep ('' for none)")
+    p.add_argument("--modes", default="reference,lgm,lgm_micro", help="step formulations of the time comparison")
     p.add_argument("--micro-batch", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--noise-impl", default="hash", choices=["hash", "loop"],
+                   help="augmentation noise of the full-step runs: current (hash) or the old per-view loop")
+    p.add_argument("--noise", action="store_true", help="measure the augmentation noise alone (see above)")
+    p.add_argument("--views", type=int, default=3000, help="--noise: views per pass (ImageNet-1k: 1000 × 3)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="--noise: noise passes over the views per step (real + two-pass synthetic: 3)")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="--noise: a measured step time of that configuration without noise, for the share")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+    p.add_argument("--out", help="--noise: also write the printed lines to this text file")
     p.add_argument("--child", nargs=2, metavar=("MODE", "AUGS"), help=argparse.SUPPRESS)
     p.add_argument("--json-out", help="also write all rows to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.crop is None:
+        args.crop = 224 if args.noise else 32
+    return args
+
+
+def _time(fn, repeats: int, dev: torch.device, warm_up: bool = True) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` (after one warm-up call).
+
+    The minimum, not the mean: on a shared machine the other processes only ever add time.
+    """
+    if warm_up:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def noise_benchmark(args: argparse.Namespace) -> list[str]:
+    """Old vs new augmentation noise for ``args.views`` views of ``args.crop`` px; returns the lines."""
+    from lgm_ray.augment import sample_params, view_noise
+
+    dev = torch.device(args.device)
+    spec = AugSpec(crop_res=args.crop)  # the paper's noise: N(0.5, 0.2²) on half the views
+    params = sample_params(args.views, spec, torch.Generator().manual_seed(0))
+    shape = (3, args.crop, args.crop)
+    mb = args.micro_batch
+
+    def over_views(fn) -> None:
+        for i in range(0, args.views, mb):
+            fn(params.select(slice(i, i + mb)), spec, shape, dev, torch.float32)
+
+    # the two agree in distribution (different generators, so not value for value); also warms up
+    sample = params.select(slice(0, min(mb, args.views)))
+    on = sample.noise_on.to(dev)
+    for name, fn in (("loop", noise_loop), ("hash", view_noise)):
+        y = fn(sample, spec, shape, dev, torch.float32)[on]
+        if not (abs(float(y.mean()) - 0.5) < 0.01 and abs(float(y.std()) - 0.2) < 0.01):
+            raise RuntimeError(f"{name} noise has mean {float(y.mean())} and std {float(y.std())}")
+
+    # interleaved, so both see the same load from other processes
+    impls = (("loop", noise_loop), ("hash", view_noise))
+    sec = {name: float("inf") for name, _ in impls}
+    for _ in range(args.repeats):
+        for name, fn in impls:
+            sec[name] = min(sec[name], _time(lambda f=fn: over_views(f), 1, dev, warm_up=False))
+    n_on = int(params.noise_on.sum())
+    lines = [
+        f"augmentation noise  device {_device_name(dev)}  threads {torch.get_num_threads()}  views {args.views} "
+        f"({n_on} with noise)  crop {args.crop}  micro-batch {mb}  best of {args.repeats}",
+        f"{'impl':<6}{'s/pass':>10}{'ms/noised view':>16}{'s/step':>10}   (step = {args.passes} passes)",
+    ]
+    for name in ("loop", "hash"):
+        lines.append(f"{name:<6}{sec[name]:>10.3f}{1e3 * sec[name] / max(n_on, 1):>16.3f}"
+                     f"{args.passes * sec[name]:>10.3f}")
+    lines.append(f"speed-up hash / loop: {sec['loop'] / sec['hash']:.1f}x")
+    if args.step_seconds:
+        for name in ("loop", "hash"):
+            noise = args.passes * sec[name]
+            lines.append(f"share of a step of {args.step_seconds:.2f} s + noise, {name}: "
+                         f"{100 * noise / (args.step_seconds + noise):.1f}%")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.noise:
+        lines = noise_benchmark(args)
+        print("\n".join(lines))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.child:
         print(json.dumps(run_one(args, args.child[0], int(args.child[1]))))
         return
-    rows = [_child(args, m, args.augs) for m in ("reference", "lgm", "lgm_micro")]
-    mem_augs = [int(a) for a in args.memory_augs.split(",")]
+    rows = [_child(args, m, args.augs) for m in args.modes.split(",")]
+    mem_augs = [int(a) for a in args.memory_augs.split(",") if a]
     rows += [_child(args, "lgm_micro", a) for a in mem_augs if a != args.augs]
     print(f"backbone {args.backbone}  device {rows[0].get('device', args.device)}  classes {args.classes}  "
-          f"ipc {args.ipc}  res {args.res}  crop {args.crop}  micro-batch {args.micro_batch}  amp {args.amp}")
+          f"ipc {args.ipc}  res {args.res}  crop {args.crop}  micro-batch {args.micro_batch}  amp {args.amp}  "
+          f"noise {args.noise_impl}")
     print(f"{'mode':<11}{'augs':>5}{'views':>7}{'s/step':>10}{'peak MB':>10}")
     for r in rows:
         if "error" in r:
@@ -152,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio = by[(mode, args.augs)]["sec_per_step"] / ref["sec_per_step"]
             mem = by[(mode, args.augs)]["peak_mb"] / max(ref["peak_mb"], 1e-9)
             print(f"time {mode} / reference at augs {args.augs}: {ratio:.2f}x   peak memory: {mem:.2f}x")
-    lo, hi = by.get(("lgm_micro", min(mem_augs))), by.get(("lgm_micro", max(mem_augs)))
+    lo, hi = (by.get(("lgm_micro", min(mem_augs))), by.get(("lgm_micro", max(mem_augs)))) if mem_augs else (0, 0)
     if lo and hi:
         print(f"micro-batched peak memory augs {max(mem_augs)} / augs {min(mem_augs)}: "
               f"{hi['peak_mb'] / max(lo['peak_mb'], 1e-9):.2f}x")

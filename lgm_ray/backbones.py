@@ -4,6 +4,11 @@ Every backbone is wrapped in :class:`Backbone`, which takes images in [0, 1], no
 returns float features that end in a normalisation layer (the paper's ViTs end in a LayerNorm; a
 model that does not gets a parameter-free LayerNorm appended, since the matching objective is a
 cosine and blind to the features' scale), and is frozen once, here (eval mode, no parameter grads).
+``raw_output=True`` skips that added LayerNorm: the reference implementation feeds CLIP's raw
+projection, and the paper's columns are reproduced with it.
+
+The registry is filled with keyword-only :class:`BackboneSpec` records, directly or through the
+:func:`register_build` decorator on a build function (timm's ``@register_model`` pattern).
 
 Pretrained weights come from the libraries' own hub caches (timm / Hugging Face, open_clip,
 ``torch.hub``) or from a local file (``weights=``). With neither, a pretrained name fails at once
@@ -17,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +38,11 @@ class BackboneWeightsError(RuntimeError):
     """Pretrained weights for a backbone are not available (no cache, no file, no network)."""
 
 
-@dataclass(frozen=True)
+BuildFn: TypeAlias = Callable[[bool, str | None, int | None], nn.Module]
+"""``(pretrained, weights_file, img_size) → nn.Module`` mapping normalised images to features."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class BackboneSpec:
     """What the registry knows of a backbone.
 
@@ -46,6 +56,8 @@ class BackboneSpec:
         ends_in_norm: whether the model's own output is already a normalisation layer's.
         build: ``(pretrained, weights_file, img_size) → nn.Module`` mapping images to features.
         description: one line for listings.
+
+    Fields are keyword-only, so a registration reads as the table it is.
     """
 
     name: str
@@ -56,7 +68,7 @@ class BackboneSpec:
     source: str
     weights_id: str
     ends_in_norm: bool
-    build: Callable[[bool, str | None, int | None], nn.Module]
+    build: BuildFn
     description: str = ""
 
 
@@ -71,6 +83,20 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
+def register_build(**fields: object) -> Callable[[BuildFn], BuildFn]:
+    """Decorator: register the decorated build function as a backbone with these spec fields.
+
+    ``@register_build(name="x", feature_dim=…, …)`` over ``def build(pretrained, weights, img_size)``
+    is ``register_backbone(BackboneSpec(name="x", …, build=build))``; the function is returned as is.
+    """
+
+    def wrap(build: BuildFn) -> BuildFn:
+        register_backbone(BackboneSpec(build=build, **fields))
+        return build
+
+    return wrap
+
+
 def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -83,14 +109,32 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 class Backbone(nn.Module):
-    """A frozen feature extractor: images in [0, 1] (N×3×H×W) → float features (N×D)."""
+    """A frozen feature extractor: images in [0, 1] (N×3×H×W) → float features (N×D).
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, mean=None, std=None) -> None:
+    Args:
+        spec: the registry's record.
+        model: the built network (normalised images → features).
+        mean, std: input normalisation; default the spec's.
+        raw_output: skip the parameter-free LayerNorm added to a model whose output is not a
+            normalisation layer's (no effect on one that is).
+    """
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: nn.Module,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        *,
+        raw_output: bool = False,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.name = spec.name
         self.feature_dim = spec.feature_dim
         self.resolution = spec.resolution
+        self.raw_output = raw_output
+        self.adds_norm = not spec.ends_in_norm and not raw_output
         self.model = model
         self.register_buffer("mean", torch.tensor(mean or spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std or spec.std).view(1, 3, 1, 1))
@@ -104,7 +148,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
-        if not self.spec.ends_in_norm:
+        if self.adds_norm:
             z = F.layer_norm(z, z.shape[-1:])
         return z
 
@@ -116,6 +160,7 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     img_size: int | None = None,
     normalization: str = "native",
+    raw_output: bool = False,
     device: str | torch.device = "cpu",
 ) -> Backbone:
     """Build a registered backbone, frozen.
@@ -129,6 +174,9 @@ def create_backbone(
             ``resolution``.
         normalization: ``"native"`` (the weights' own mean/std) or ``"imagenet"`` (what the
             reference implementation feeds every backbone, CLIP included).
+        raw_output: ``True`` returns the model's own output without the parameter-free LayerNorm
+            lgm_ray appends to backbones that do not end in a normalisation layer (CLIP's
+            projection: the reference feeds it raw); no effect on backbones that do.
         device: where to put it.
     """
     spec = get_spec(name)
@@ -141,9 +189,11 @@ def create_backbone(
             )
     if normalization not in ("native", "imagenet"):
         raise ValueError(f"normalization must be 'native' or 'imagenet', got {normalization!r}")
+    if not isinstance(raw_output, bool):
+        raise ValueError(f"raw_output must be True or False, got {raw_output!r}")
     model = spec.build(pretrained or weights is not None, weights, img_size)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else (None, None)
-    return Backbone(spec, model, mean, std).to(device)
+    return Backbone(spec, model, mean, std, raw_output=raw_output).to(device)
 
 
 def _missing_weights(name: str, needed: str, how: str, cause: BaseException | None = None) -> BackboneWeightsError:
@@ -157,7 +207,7 @@ def _missing_weights(name: str, needed: str, how: str, cause: BaseException | No
 # ---------------------------------------------------------------- timm (DINOv2, EVA-02, MoCo-v3 arch)
 
 
-def _timm_builder(name: str, model_id: str) -> Callable[[bool, str | None, int | None], nn.Module]:
+def _timm_builder(name: str, model_id: str) -> BuildFn:
     def build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:
         import timm
 
@@ -218,7 +268,7 @@ class _ClipVisual(nn.Module):
         return self.visual(x)
 
 
-def _open_clip_builder(name: str, arch: str, tag: str) -> Callable[[bool, str | None, int | None], nn.Module]:
+def _open_clip_builder(name: str, arch: str, tag: str) -> BuildFn:
     def build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:
         import open_clip
 
@@ -277,6 +327,11 @@ def _mocov3_state_dict(ckpt: dict) -> dict:
     return out
 
 
+@register_build(
+    name="mocov3_vitb16", feature_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224,
+    source="torch.hub", weights_id=MOCOV3_VITB_URL, ends_in_norm=True,
+    description="MoCo-v3 ViT-B/16 (300 epochs, the official checkpoint the paper used)",
+)
 def _mocov3_build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:
     import timm
 
@@ -320,6 +375,11 @@ def _mocov3_build(pretrained: bool, weights: str | None, img_size: int | None) -
 # ---------------------------------------------------------------- the offline demo backbone
 
 
+@register_build(
+    name="digits_simclr_cnn", feature_dim=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=32,
+    source="lgm_ray", weights_id="lgm_ray/weights/digits_simclr_cnn.pt (shipped)", ends_in_norm=True,
+    description="4-block CNN pre-trained by lgm_ray with SimCLR on the digits train split (offline demo/tests)",
+)
 def _digits_cnn_build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:
     from lgm_ray.models.digits_cnn import DigitsCNN, load_digits_cnn
 
@@ -328,39 +388,36 @@ def _digits_cnn_build(pretrained: bool, weights: str | None, img_size: int | Non
     return load_digits_cnn(weights)
 
 
-def _register_all() -> None:
+def _register_hub_families() -> None:
+    """The paper's ViT families, a record per size (several sizes share one builder factory)."""
     vit = "ViT"
     full_size = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
     for size, dim in (("s", 384), ("b", 768), ("l", 1024)):
         name = f"dinov2_vit{size}14"
         model_id = f"vit_{full_size[size]}_patch14_dinov2.lvd142m"
         register_backbone(BackboneSpec(
-            name, dim, IMAGENET_MEAN, IMAGENET_STD, 224, "timm", f"timm/{model_id}", True,
-            _timm_builder(name, model_id), f"DINOv2 {vit}-{size.upper()}/14 (LVD-142M), CLS token after its LayerNorm",
+            name=name, feature_dim=dim, mean=IMAGENET_MEAN, std=IMAGENET_STD, resolution=224,
+            source="timm", weights_id=f"timm/{model_id}", ends_in_norm=True,
+            build=_timm_builder(name, model_id),
+            description=f"DINOv2 {vit}-{size.upper()}/14 (LVD-142M), CLS token after its LayerNorm",
         ))
     for size, dim in (("t", 192), ("s", 384), ("b", 768), ("l", 1024)):
         name = f"eva02_vit{size}14"
         model_id = f"eva02_{full_size[size]}_patch14_224.mim_in22k"
         register_backbone(BackboneSpec(
-            name, dim, CLIP_MEAN, CLIP_STD, 224, "timm", f"timm/{model_id}", True,
-            _timm_builder(name, model_id), f"EVA-02 {vit}-{size.upper()}/14 MIM on ImageNet-22k, mean-pooled + LayerNorm",
+            name=name, feature_dim=dim, mean=CLIP_MEAN, std=CLIP_STD, resolution=224,
+            source="timm", weights_id=f"timm/{model_id}", ends_in_norm=True,
+            build=_timm_builder(name, model_id),
+            description=f"EVA-02 {vit}-{size.upper()}/14 MIM on ImageNet-22k, mean-pooled + LayerNorm",
         ))
     for patch in (16, 32):
         name = f"clip_vitb{patch}"
         register_backbone(BackboneSpec(
-            name, 512, CLIP_MEAN, CLIP_STD, 224, "open_clip", f"open_clip ViT-B-{patch} / openai", False,
-            _open_clip_builder(name, f"ViT-B-{patch}", "openai"),
-            f"CLIP {vit}-B/{patch} image tower (OpenAI weights), projected features",
+            name=name, feature_dim=512, mean=CLIP_MEAN, std=CLIP_STD, resolution=224,
+            source="open_clip", weights_id=f"open_clip ViT-B-{patch} / openai", ends_in_norm=False,
+            build=_open_clip_builder(name, f"ViT-B-{patch}", "openai"),
+            description=f"CLIP {vit}-B/{patch} image tower (OpenAI weights), projected features",
         ))
-    register_backbone(BackboneSpec(
-        "mocov3_vitb16", 768, IMAGENET_MEAN, IMAGENET_STD, 224, "torch.hub", MOCOV3_VITB_URL, True,
-        _mocov3_build, "MoCo-v3 ViT-B/16 (300 epochs, the official checkpoint the paper used)",
-    ))
-    register_backbone(BackboneSpec(
-        "digits_simclr_cnn", 128, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, "lgm_ray",
-        "lgm_ray/weights/digits_simclr_cnn.pt (shipped)", True, _digits_cnn_build,
-        "4-block CNN pre-trained by lgm_ray with SimCLR on the digits train split (offline demo/tests)",
-    ))
 
 
-_register_all()
+_register_hub_families()

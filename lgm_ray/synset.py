@@ -11,16 +11,23 @@ paper's parameterisation (DESIGN §1):
 Either way the sum goes through the optional fixed colour decorrelation and ``sigmoid(2·x)``.
 
 A set may hold only some classes (``classes=``): the distributed runner shards the synthetic set
-by class, each worker owning its classes' parameters and optimiser state.
+by class, each worker owning its classes' parameters and optimiser state. The noise of class ``c``
+at pyramid level ``l`` (initial or added by :meth:`SyntheticSet.grow`) is drawn from
+``lgm_ray.seeds.generator(seed, "syn", c, l)``, so a set's rows never depend on how the classes
+were split: the set built for classes {3, 7} equals rows 3 and 7 of the set built for all classes,
+at every level. :meth:`SyntheticSet.class_state` / :meth:`SyntheticSet.load_class_state` move the
+parameters of single classes, so a checkpoint written per class resumes on any other split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lgm_ray.seeds import generator as seeded_generator
 
 # The fixed colour-correlation matrix of the paper (Lucid's ImageNet colour decorrelation),
 # normalised by its largest column norm so the rendered colours keep a comparable range.
@@ -64,8 +71,11 @@ class SyntheticSet(nn.Module):
             grey datasets whose backbone never saw colour (decorrelation does not apply).
         classes: the classes this set owns (default: all), in increasing order.
         start_levels: pyramid levels present at the start (the reference's ``pyramid_start_res``
-            of 1 means one level).
-        generator: draws the initial noise; a seeded generator makes the set reproducible.
+            of 1 means one level). Starting with n levels gives the same parameters as starting
+            with one and growing n-1 times (up to float rounding of the rescaling).
+        seed: the run seed. Class ``c``'s noise at level ``l`` comes from
+            ``lgm_ray.seeds.generator(seed, "syn", c, l)`` (its ``ipc`` images in one draw), so
+            every row depends on (seed, class, level) only, never on which classes the set holds.
         init: ``"noise"`` (standard normal) or ``"zero"``.
     """
 
@@ -80,7 +90,7 @@ class SyntheticSet(nn.Module):
         channels: int = 3,
         classes: Sequence[int] | None = None,
         start_levels: int = 1,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
         init: str = "noise",
     ) -> None:
         super().__init__()
@@ -95,6 +105,8 @@ class SyntheticSet(nn.Module):
         classes = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
         if any(c < 0 or c >= num_classes for c in classes):
             raise ValueError(f"classes {classes} fall outside 0…{num_classes - 1}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes {classes} repeat a class; give each class once")
         self.num_classes = num_classes
         self.ipc = ipc
         self.res = res
@@ -102,22 +114,26 @@ class SyntheticSet(nn.Module):
         self.decorrelate = decorrelate and channels == 3
         self.channels = channels
         self.init = init
+        self.seed = int(seed)
         self.classes = classes
         self.register_buffer("labels", torch.tensor(classes, dtype=torch.long).repeat_interleave(ipc))
-        self._generator = generator
-        n = len(self.labels)
-        if param == "pixel":
-            self.levels = nn.ParameterList([nn.Parameter(self._noise((n, channels, res, res)))])
-        else:
-            sides = pyramid_resolutions(res)[: max(1, start_levels)]
-            self.levels = nn.ParameterList(
-                [nn.Parameter(self._noise((n, channels, s, s)) / len(sides)) for s in sides]
-            )
+        n_start = 1 if param == "pixel" else min(max(1, start_levels), self.max_levels)
+        self.levels = nn.ParameterList(
+            [nn.Parameter(self._level_noise(level) / n_start) for level in range(n_start)]
+        )
 
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.init == "zero":
-            return torch.zeros(shape)
-        return torch.randn(shape, generator=generator or self._generator)
+    def level_sides(self) -> list[int]:
+        """Side of every level this set can have: ``[res]`` for pixel, the pyramid's otherwise."""
+        return [self.res] if self.param == "pixel" else pyramid_resolutions(self.res)
+
+    def _level_noise(self, level: int) -> torch.Tensor:
+        """Unscaled noise of level ``level`` for all rows: per class, from (seed, "syn", class, level)."""
+        side = self.level_sides()[level]
+        shape = (self.ipc, self.channels, side, side)
+        if self.init == "zero" or not self.classes:
+            return torch.zeros((self.num_images, *shape[1:]))
+        return torch.cat([torch.randn(shape, generator=seeded_generator(self.seed, "syn", c, level))
+                          for c in self.classes])
 
     @property
     def num_images(self) -> int:
@@ -125,37 +141,86 @@ class SyntheticSet(nn.Module):
 
     @property
     def max_levels(self) -> int:
-        return 1 if self.param == "pixel" else len(pyramid_resolutions(self.res))
+        return len(self.level_sides())
 
     @property
     def can_grow(self) -> bool:
         return self.param == "pyramid" and len(self.levels) < self.max_levels
 
     @torch.no_grad()
-    def grow(self, generator: torch.Generator | None = None) -> bool:
+    def grow(self) -> bool:
         """Add the next finer pyramid level; returns False when already at full resolution.
 
         As in the paper, the new level is ``randn / n_new`` and the existing levels are scaled by
-        ``n_old / n_new``. The caller must re-create its optimiser (the parameter list changed).
-        A run passes a generator seeded from (run seed, level) so a resumed run grows identically.
+        ``n_old / n_new``. The noise is class ``c``'s from (seed, "syn", c, level), so a resumed
+        run, or any split of the classes, grows identically. The caller must re-create its
+        optimiser (the parameter list changed).
         """
         if not self.can_grow:
             return False
         n_old = len(self.levels)
         n_new = n_old + 1
-        side = pyramid_resolutions(self.res)[n_old]
         device = self.levels[0].device
         for p in self.levels:
             p.mul_(n_old / n_new)
-        new = self._noise((self.num_images, self.channels, side, side), generator).to(device) / n_new
+        new = self._level_noise(n_old).to(device) / n_new
         self.levels.append(nn.Parameter(new))
         return True
 
     def grow_to(self, n_levels: int) -> None:
-        """Grow until ``n_levels`` levels exist (used when restoring a checkpoint)."""
+        """Grow until ``n_levels`` levels exist (used when restoring a checkpoint).
+
+        The levels are the ones :meth:`grow` would have made; a restore then overwrites them with
+        ``load_state_dict`` or :meth:`load_class_state`.
+        """
+        if n_levels > self.max_levels:
+            raise ValueError(
+                f"cannot grow a {self.param} set of res {self.res} to {n_levels} levels (at most {self.max_levels})"
+            )
         while len(self.levels) < n_levels:
-            if not self.grow(torch.Generator()):
-                raise ValueError(f"cannot grow a {self.param} set of res {self.res} to {n_levels} levels")
+            self.grow()
+
+    def class_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The parameters of each class this set holds: ``{class: {"levels.<l>": ipc×C×s×s}}``.
+
+        Detached copies on the set's device. With :meth:`load_class_state` a checkpoint written
+        per class (by whichever worker owned it) restores on any other split of the classes.
+        """
+        return {
+            c: {f"levels.{i}": p.detach()[k * self.ipc : (k + 1) * self.ipc].clone() for i, p in enumerate(self.levels)}
+            for k, c in enumerate(self.classes)
+        }
+
+    @torch.no_grad()
+    def load_class_state(self, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Load this set's classes from :meth:`class_state` output of any split (extra classes ignored).
+
+        Every class must have the same number of levels. With as many levels as the set has now,
+        the parameters are overwritten in place (an optimiser over them stays valid); with more,
+        the set first grows to that many (the caller must then re-create its optimiser, as after
+        :meth:`grow`); with fewer, it refuses.
+        """
+        missing = [c for c in self.classes if c not in states]
+        if missing:
+            raise ValueError(f"class state is missing classes {missing}; give the state of every class in {self.classes}")
+        counts = {len(states[c]) for c in self.classes}
+        if len(counts) != 1:
+            raise ValueError(f"class states hold different numbers of levels {sorted(counts)}; they must come "
+                             "from one checkpoint step")
+        n_levels = counts.pop()
+        if n_levels < len(self.levels):
+            raise ValueError(f"class states hold {n_levels} levels but this set already has {len(self.levels)}; "
+                             "load them into a freshly built set")
+        self.grow_to(n_levels)
+        for i, p in enumerate(self.levels):
+            key = f"levels.{i}"
+            for k, c in enumerate(self.classes):
+                t = states[c].get(key)
+                if t is None or tuple(t.shape) != (self.ipc, *p.shape[1:]):
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(f"class {c}: {key} must have shape {(self.ipc, *p.shape[1:])}, got {got}; "
+                                     "the state comes from a set with other ipc, channels or res")
+                p[k * self.ipc : (k + 1) * self.ipc].copy_(t)
 
     def forward(self) -> torch.Tensor:
         return self.render()
@@ -184,6 +249,7 @@ class SyntheticSet(nn.Module):
             "channels": self.channels,
             "classes": list(self.classes),
             "init": self.init,
+            "seed": self.seed,
             "n_levels": len(self.levels),
         }
 

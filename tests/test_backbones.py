@@ -8,8 +8,20 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
-from lgm_ray.backbones import BackboneWeightsError, create_backbone, get_spec, list_backbones
+from lgm_ray import backbones
+from lgm_ray.backbones import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Backbone,
+    BackboneSpec,
+    BackboneWeightsError,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    register_build,
+)
 
 REAL = [
     "clip_vitb16", "clip_vitb32",
@@ -37,12 +49,67 @@ def test_architecture_builds_without_weights_and_gives_its_feature_dim(name):
     x = torch.rand(2, 3, side, side, requires_grad=True)
     z = bb(x)
     assert z.shape == (2, get_spec(name).feature_dim)
-    # every backbone's output is normalised: per-sample statistics bounded by a LayerNorm
-    assert float(z.detach().abs().mean(1).max()) < 10
+    # every backbone's output is normalised: a freshly built LayerNorm (its own or the added,
+    # parameter-free one) leaves each sample with mean 0 and standard deviation 1
+    assert float(z.detach().mean(1).abs().max()) < 1e-4
+    assert float((z.detach().std(1, unbiased=False) - 1).abs().max()) < 0.01
     # gradients reach the input through the frozen backbone (a LayerNorm output sums to a constant,
     # so project on a random direction)
     (z * torch.randn_like(z)).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """A copy of the registry for the test, so test backbones never leak into other tests."""
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+
+
+def test_specs_are_keyword_only_and_the_decorator_registers(scratch_registry):
+    fields = dict(name="test_unnormed", feature_dim=4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resolution=4,
+                  source="lgm_ray", weights_id="none (test)", ends_in_norm=False)
+    with pytest.raises(TypeError):
+        BackboneSpec("test_unnormed", 4, (0.0,) * 3, (1.0,) * 3, 4, "lgm_ray", "none", False, lambda *a: None)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+
+    @register_build(**fields, description="a linear map, not normalised")
+    def build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:
+        return net
+
+    assert get_spec("test_unnormed").build is build and "test_unnormed" in list_backbones()
+    with pytest.raises(ValueError, match="already registered"):
+        register_build(**fields)(build)
+
+    x = torch.rand(3, 3, 4, 4)
+    default = create_backbone("test_unnormed", pretrained=False)
+    raw = create_backbone("test_unnormed", pretrained=False, raw_output=True)
+    assert default.adds_norm and not raw.adds_norm
+    with torch.no_grad():
+        expected = net(x)
+    assert torch.equal(raw(x), expected)
+    assert torch.allclose(default(x), nn.functional.layer_norm(expected, (4,)), atol=1e-6)
+    assert not torch.allclose(default(x), raw(x), atol=1e-2)
+    with pytest.raises(ValueError, match="raw_output"):
+        create_backbone("test_unnormed", pretrained=False, raw_output="yes")
+
+
+def test_clip_raw_projection_skips_only_the_added_layernorm():
+    raw = create_backbone("clip_vitb32", pretrained=False, img_size=32, raw_output=True)
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        projection = raw.model((x - mean) / std)
+    z = raw(x)
+    assert z.shape == (2, 512) and torch.equal(z, projection)
+    normed = Backbone(raw.spec, raw.model)(x)  # the default wrapper of the same network
+    assert torch.allclose(normed, nn.functional.layer_norm(projection, (512,)), atol=1e-5)
+    assert not torch.allclose(normed, z, atol=1e-3)
+    # a backbone that ends in its own norm is unchanged by raw_output
+    demo = create_backbone("digits_simclr_cnn")
+    demo_raw = create_backbone("digits_simclr_cnn", raw_output=True)
+    x32 = torch.rand(2, 3, 32, 32)
+    assert torch.equal(demo_raw(x32), demo(x32))
 
 
 def test_backbone_stays_in_eval_mode():
