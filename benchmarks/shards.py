@@ -5,12 +5,16 @@ into a temporary folder, builds shards from it with ``lgm_ray.shards`` (short si
 no test split), then reads a fixed number of images both ways with the same preprocessing (resize
 short side 256, random crop 256, float tensor in [0, 1]) and the same number of worker processes:
 
-    python benchmarks/shards.py --workers 1 2 [--images 2000] [--measure 1920] [--batch-size 64]
+    python benchmarks/shards.py --workers 1 2 [--images 2000] [--measure 1920] [--batch-size 64] [--streams 1]
 
 The first batch of each run (worker start-up, first shard) is not timed; the figures are medians of
 alternating rounds. Per core divides by the worker count (0 counts as 1). Both pipelines leave their
 main process some work: ImageFolder's receives collated batches, the shard stream's cuts decoded
-uint8 shards into batches and converts them to float.
+uint8 shards into batches and converts them to float. The shards are read as a training run reads them
+(``ShardSet.train_batches``, one rank of one), from ``--streams`` virtual streams: 1 by default, which
+decodes one shard at a time and so times decoding itself. With 8 streams (a run's default) all 8 start
+together, so the untimed first batch decodes one shard per stream — with the default 2000 images in 8
+shards, the whole set; pass ``--measure`` of several times ``--images`` to time the steady state.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per worker count")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="virtual streams of the shard reader (default 1)")
     args = parser.parse_args(argv)
 
     from lgm_ray.shards import ShardSet
@@ -111,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                     if name == "folder":
                         batches = imagefolder_batches(src, args.batch_size, workers)
                     else:
-                        batches = shards.train_stream(args.batch_size, seed=0, real_res=256,
-                                                      num_workers=workers)
+                        batches = shards.train_batches(args.batch_size, seed=0, real_res=256,
+                                                       num_streams=args.streams, num_workers=workers)
                     rates[name].append(timed(batches, args.measure))
                     batches.close()
             folder, sharded = (float(np.median(r)) for r in rates.values())

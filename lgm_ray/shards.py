@@ -3,7 +3,12 @@
     python -m lgm_ray.shards build digits --out shards/digits
     python -m lgm_ray.shards build imagefolder DIR --out shards/NAME [--real-res 256 --format jpg …]
     python -m lgm_ray.shards build hf DIR --out shards/NAME [--image-column image --label-column label]
+    python -m lgm_ray.shards build … --val-fraction 0.1 [--val-seed 0]   # + a validation split
     python -m lgm_ray.shards verify shards/NAME
+
+A set holds the splits ``train`` and ``test`` (possibly empty, with ``--test-fraction 0``), and ``val``
+when one was held out of train (``--val-fraction``) or came from the source (a ``val/`` folder beside
+``test/``, a ``validation`` split beside ``test``). Choices are made on ``val``; ``test`` is for the end.
 
 Writing lives in :mod:`lgm_ray.shards_build`; the on-disk format, its checks and the decoding of units
 in :mod:`lgm_ray.shards_stream` (whose docstring states the integrity and determinism policies).
@@ -23,13 +28,14 @@ import numpy as np
 import torch
 
 from lgm_ray import shards_stream as core
-from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, build
+from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, SPLITS, build
 from lgm_ray.shards_stream import ShardError, SkippedSample
 
 __all__ = ["ShardError", "ShardSet", "SkippedSample", "build", "main", "verify"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 Ref = tuple[int, int]  # (index of the shard in the manifest, position of the sample in the shard)
+SPLIT_FLAGS = {"train": "", "val": "--val-fraction 0.1", "test": "--test-fraction 0.1"}
 
 
 class ShardSet:
@@ -71,35 +77,104 @@ class ShardSet:
         self._counts(split)
         return [core.join(self.root, e["name"]) for e in self.manifest["shards"] if e["split"] == split]
 
-    def train_stream(self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                     real_res: int | None = None, num_workers: int = 0
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless shuffled training batches of this rank: ``(images B×3×R×R in [0, 1], labels B)``.
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                      world_size: int = 1, num_streams: int = 8, real_res: int | None = None,
+                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This rank's share of the global training batch of step ``start_step``, ``start_step + 1``, …
 
-        Each epoch visits the rank's shards in a fresh order, each shard's samples in a fresh order, and
-        takes a fresh random ``R``×``R`` crop of every image resized to short side ``R``. With at least
-        ``world_size`` shards, rank ``r`` reads shards ``r, r + world_size, …``; with fewer, every rank reads
-        all shards and keeps the samples ``i`` (manifest order) with ``i % world_size == r``. The batches
-        are a function of ``(seed, rank, world_size, batch_size, real_res)`` only, whatever ``num_workers``.
+        Yields ``(images B_r×3×R×R float in [0, 1], labels B_r, positions B_r)``. The rule (see
+        :mod:`lgm_ray.sources`): the train shards are dealt to ``num_streams`` virtual streams — shard
+        ``i`` to stream ``i % num_streams`` when there are at least as many shards as streams, else sample
+        ``j`` of the split (manifest order) to stream ``j % num_streams``. Each stream is an endless
+        shuffled sequence (per-epoch unit order, per-unit sample order, a random ``R``×``R`` crop of every
+        image resized to short side ``R``), seeded by ``(seed, stream)``. Stream ``v`` gives the next
+        ``batch_size // num_streams + (v < batch_size % num_streams)`` of its samples to every step; the
+        global batch is the streams' shares in stream order, and ``positions`` are the yielded samples'
+        places in it. Rank ``r`` reads streams ``r, r + world_size, …``, so the global batch, and each
+        sample's position in it, depend on ``(seed, step, batch_size, num_streams, real_res)`` and the
+        data only: neither on ``world_size`` nor on ``num_workers``. A start at step ``t`` finds each
+        stream's place from the manifest's counts and decodes only from the unit it lands in.
 
         Args:
-            batch_size: images per batch.
-            seed: non-negative integer.
-            rank: this worker's index in ``[0, world_size)``.
-            world_size: number of workers sharing the training split.
+            batch_size: size of the global batch (all ranks together); may be smaller than ``num_streams``
+                (streams whose share is 0 read nothing; a rank whose streams all have 0 yields empty
+                batches).
+            seed: any integer; the streams' seeds are derived from it.
+            start_step: the first step yielded.
+            rank: this rank's index in ``[0, world_size)``.
+            world_size: ranks sharing the batch; at most ``num_streams``.
+            num_streams: virtual streams; fix it for a run (changing it changes every batch).
             real_res: ``R``; defaults to the size the shards were built at.
-            num_workers: DataLoader processes decoding whole shards (0: decode in this process). Each
-                shard in flight holds ``count×3×R×R`` bytes, and the first batch waits for a whole shard.
+            num_workers: DataLoader processes decoding whole units (0: decode in this process). Each unit
+                in flight holds ``count×3×R×R`` bytes; the first batch waits for one unit per stream of
+                this rank, and the workers hold up to about one more per stream, decoded ahead.
+
+        Raises:
+            ValueError: bad arguments; ``world_size > num_streams``; fewer train samples than streams.
         """
         size, _ = self._sizes(real_res, None)
-        if batch_size < 1 or seed < 0 or num_workers < 0:
-            raise ValueError("need batch_size ≥ 1, seed ≥ 0 and num_workers ≥ 0")
-        plan = self._plan("train", rank, world_size)
-        if not self._plan_samples(plan):
-            raise ValueError(f"rank {rank} of {world_size} gets no training samples of {self.root}")
-        units = core.TrainUnits(tuple(plan), seed, rank, world_size, size)
-        decoded = core.decoded_units(self._reader, units, num_workers)
-        return ((x, y) for x, y, _ in self._rebatch(decoded, batch_size, len(plan)))
+        if num_workers < 0:
+            raise ValueError(f"need num_workers ≥ 0, got {num_workers}")
+        shares, mine = core.stream_layout(batch_size, num_streams, rank, world_size, start_step)
+        plans = self._stream_plans(num_streams)
+        active = tuple((v, plans[v], shares[v]) for v in mine if shares[v])
+        units = core.StreamUnits(active, seed, start_step, size)
+        # Streams that start together need their next units together: let the workers hold one per stream.
+        ahead = max(2, -(-len(active) // max(num_workers, 1)) + 1)
+        decoded = core.decoded_units(self._reader, units, num_workers, ahead) if active else iter(())
+        first = np.cumsum([0, *shares]).tolist()
+        positions = torch.cat([torch.arange(first[v], first[v] + n) for v, _, n in active] or
+                              [torch.empty(0, dtype=torch.int64)])
+        return self._serve(zip(units, decoded, strict=False), active, size, positions)
+
+    def _stream_plans(self, num_streams: int) -> list[core.StreamPlan]:
+        """Every virtual stream's units: whole shards dealt round-robin, or every shard sliced by stride."""
+        self._counts("train")
+        shards, offset = [], 0
+        for i, entry in enumerate(self.manifest["shards"]):
+            if entry["split"] == "train":
+                shards.append((i, offset, entry["count"]))
+                offset += entry["count"]
+        if offset < num_streams:
+            raise ValueError(f"{self.root} has {offset} train samples, fewer than num_streams={num_streams}; "
+                             f"lower num_streams (config field real_streams) to at most {offset}")
+        if len(shards) >= num_streams:
+            return [tuple((i, off, 1, 0, n) for i, off, n in shards[v::num_streams])
+                    for v in range(num_streams)]
+        return [tuple((i, off, num_streams, v, n_v) for i, off, n in shards
+                      if (n_v := len(range((v - off) % num_streams, n, num_streams))))
+                for v in range(num_streams)]
+
+    def _serve(self, units_and_decoded: Iterator[tuple[core.Unit, core.Decoded]],
+               active: tuple[tuple[int, core.StreamPlan, int], ...], size: int, positions: torch.Tensor
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Hand each decoded unit to its stream's queue and cut every step's shares off the queues."""
+        queues: dict[int, deque[list[Any]]] = {v: deque() for v, _, _ in active}
+        have = dict.fromkeys(queues, 0)
+        empty_run = dict.fromkeys(queues, 0)
+        units_of = {v: len(plan) for v, plan, _ in active}
+        while True:
+            parts = []
+            for v, _, share in active:
+                while have[v] < share:
+                    unit, (_, images, labels, keys, skipped) = next(units_and_decoded)
+                    self._note_skipped(skipped)
+                    w = unit.stream
+                    empty_run[w] = 0 if keys else empty_run[w] + 1
+                    if empty_run[w] >= units_of[w]:
+                        raise ShardError(f"a whole pass of virtual stream {w} over {self.root} gave no "
+                                         f"decodable sample; {core.verify_hint(self.root)}")
+                    if keys:
+                        queues[w].append([images, labels, keys, 0])
+                        have[w] += len(keys)
+                parts.append(_pop(queues[v], share))
+                have[v] -= share
+            if parts:
+                images = torch.cat([p[0] for p in parts]).float().div_(255.0)
+                labels = torch.cat([p[1] for p in parts])
+            else:
+                images, labels = torch.empty((0, 3, size, size)), torch.empty(0, dtype=torch.int64)
+            yield images, labels, positions.clone()
 
     def eval_batches(self, split: str = "test", batch_size: int = 256, *, rank: int = 0, world_size: int = 1,
                      resize: int | None = None, crop: int | None = None, num_workers: int = 0
@@ -107,8 +182,13 @@ class ShardSet:
         """One ordered pass over this rank's part of ``split``: ``(images, labels, keys)`` batches.
 
         Images are resized to short side ``resize`` (default: the stored size) and centre-cropped to
-        ``crop`` (default: ``resize``). Ranks split the samples as in :meth:`train_stream`, so across
-        ranks every sample comes exactly once; the last batch may be smaller.
+        ``crop`` (default: ``resize``). With at least ``world_size`` shards, rank ``r`` reads shards ``r,
+        r + world_size, …``; with fewer, every rank reads all shards and keeps the samples ``i`` (manifest
+        order) with ``i % world_size == r``. Across ranks every sample comes exactly once; the last batch
+        may be smaller.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
         """
         size, crop = self._sizes(resize, crop)
         if batch_size < 1 or num_workers < 0:
@@ -167,8 +247,13 @@ class ShardSet:
         return core.to_tensor([a for a, _ in kept], crop), [k for _, k in kept]
 
     def _counts(self, split: str) -> list[int]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
         if split not in self.manifest["counts"]:
-            raise ValueError(f"{self.root} has no split {split!r}; it has {sorted(self.manifest['counts'])}")
+            have = ", ".join(self.manifest["counts"])
+            raise ValueError(f"{self.root} has no split {split!r} (it has {have}); "
+                             f"re-build it with `python -m lgm_ray.shards build SOURCE --out {self.root} "
+                             f"--overwrite {SPLIT_FLAGS[split]}` to hold one out of train")
         return self.manifest["counts"][split]
 
     def _sizes(self, resize: int | None, crop: int | None) -> tuple[int, int]:
@@ -192,20 +277,11 @@ class ShardSet:
             return [(i, off, 1, 0) for i, off in shards[rank::world_size]]
         return [(i, off, world_size, rank) for i, off in shards]
 
-    def _plan_samples(self, plan: list[tuple[int, int, int, int]]) -> int:
-        counts = [self.manifest["shards"][i]["count"] for i, *_ in plan]
-        return sum(len(range((p - o) % s, n, s)) for n, (_, o, s, p) in zip(counts, plan, strict=True))
-
-    def _rebatch(self, decoded: Iterable[core.Decoded], batch_size: int, units_per_pass: int = 0
-                 ) -> Iterator[Batch]:
+    def _rebatch(self, decoded: Iterable[core.Decoded], batch_size: int) -> Iterator[Batch]:
         queue: deque[list[Any]] = deque()
-        have = empty_run = 0
+        have = 0
         for _, images, labels, keys, skipped in decoded:
             self._note_skipped(skipped)
-            empty_run = 0 if keys else empty_run + 1
-            if units_per_pass and empty_run >= units_per_pass:
-                raise ShardError(f"a whole pass over {self.root} gave no decodable sample; "
-                                 f"{core.verify_hint(self.root)}")
             if keys:
                 queue.append([images, labels, keys, 0])
                 have += len(keys)
@@ -223,7 +299,7 @@ class ShardSet:
             for i, entry in enumerate(self.manifest["shards"]):
                 if entry["split"] != split:
                     continue
-                for pos, (key, parts) in enumerate(core.load_shard(self.root, entry)):
+                for pos, (key, parts) in enumerate(self._reader.samples(i)):
                     try:
                         rows.append((i, pos, key, core.parse_label(parts, key, self.num_classes)))
                     except core.BadSample as bad:
@@ -245,7 +321,7 @@ class ShardSet:
         out: dict[Ref, np.ndarray | None] = {}
         for shard in sorted(by_shard):
             entry = self.manifest["shards"][shard]
-            samples = core.load_shard(self.root, entry)
+            samples = self._reader.samples(shard)
             for pos in by_shard[shard]:
                 try:
                     img, _ = core.decode_sample(samples[pos], self._reader.encoding, self.num_classes)
@@ -263,8 +339,8 @@ class ShardSet:
                               stacklevel=4)
 
 
-def _take(queue: deque[list[Any]], n: int) -> Batch:
-    """Pop ``n`` samples off a queue of [images, labels, keys, start] parts as one float batch."""
+def _pop(queue: deque[list[Any]], n: int) -> Batch:
+    """Pop ``n`` samples off a queue of [images, labels, keys, start] parts: uint8 images, labels, keys."""
     pieces = []
     while n:
         part = queue[0]
@@ -276,7 +352,13 @@ def _take(queue: deque[list[Any]], n: int) -> Batch:
         if part[3] == len(keys):
             queue.popleft()
     images = pieces[0][0] if len(pieces) == 1 else torch.cat([p[0] for p in pieces])
-    return images.float().div_(255.0), torch.cat([p[1] for p in pieces]), [k for p in pieces for k in p[2]]
+    return images, torch.cat([p[1] for p in pieces]), [k for p in pieces for k in p[2]]
+
+
+def _take(queue: deque[list[Any]], n: int) -> Batch:
+    """:func:`_pop` as one float batch in [0, 1]."""
+    images, labels, keys = _pop(queue, n)
+    return images.float().div_(255.0), labels, keys
 
 
 def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[str], str]:
@@ -357,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     b.add_argument("--test-fraction", type=float, default=0.1, help="held out if no test split (default 0.1)")
     b.add_argument("--split-seed", type=int, default=0, help="seed of that split and of the shard shuffle")
+    b.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of every class's train images as split 'val' (default 0: "
+                   "none; at least 1 per class, at least 1 left for training)")
+    b.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default 0)")
     b.add_argument("--image-column", default="image", help="hf: image column (default image)")
     b.add_argument("--label-column", default="label", help="hf: label column (default label)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, once built")
@@ -373,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             build(args.source, args.path, out=args.out or os.path.join("shards", name),
                   real_res=args.real_res, fmt=args.format, quality=args.quality, shard_size=args.shard_size,
                   workers=args.workers, test_fraction=args.test_fraction, split_seed=args.split_seed,
+                  val_fraction=args.val_fraction, val_seed=args.val_seed,
                   overwrite=args.overwrite, on_bad_sample=args.on_bad_sample, image_column=args.image_column,
                   label_column=args.label_column, command=sys.argv[1:] if argv is None else argv)
             return 0

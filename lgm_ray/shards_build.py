@@ -1,11 +1,18 @@
 """Write lgm_ray shard sets: ``python -m lgm_ray.shards build {digits | imagefolder DIR | hf DIR}``.
 
 Images are decoded once, resized to short side ``real_res`` (uncropped), encoded once as JPEG or PNG and
-written with their class index into tar shards, train and test apart. Samples are shuffled (``split_seed``)
-before sharding, so shards mix classes; tar members carry no timestamps or owners, so the same inputs and
-options give byte-identical shards. A process pool encodes shards into a hidden staging folder beside
-``--out``; the manifest is written last (tmp + ``os.replace``), then the staging folder replaces ``--out``,
-so a failed build leaves whatever was in ``--out`` untouched.
+written with their class index into tar shards, train, test and val apart. Samples are shuffled
+(``split_seed``) before sharding, so shards mix classes; tar members carry no timestamps or owners, so the
+same inputs and options give byte-identical shards. A process pool encodes shards into a hidden staging
+folder beside ``--out``; the manifest is written last (tmp + ``os.replace``), then the staging folder
+replaces ``--out``, so a failed build leaves whatever was in ``--out`` untouched.
+
+Splits: ``test`` comes from the source (a ``test/`` or ``val/`` folder, a saved ``test`` or ``validation``
+split) or is held out of the images, stratified (``--test-fraction``, ``--split-seed``). ``val`` comes
+from the source where it has both (``val/`` beside ``test/``; ``validation`` beside ``test``), or is carved
+out of train with ``--val-fraction F``: per class ``round(F·n)`` images, at least 1 and at most ``n − 1``,
+drawn with a seed derived from ``--val-seed``; the digits source carves it through
+:func:`lgm_ray.digits.load_digits_split`, so the shards' ``val`` equals the in-memory one.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import numpy as np
 from PIL import Image
 
 from lgm_ray import __version__
+from lgm_ray.seeds import derive_seed
 from lgm_ray.shards_stream import FORMAT_VERSION, MANIFEST_NAME, ShardError, resize_short
 
 SOURCES = ("digits", "imagefolder", "hf")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")  # this order seeds each split's shard shuffle: do not reorder
+HELD_OUT_DIRS = ("test", "val", "validation")  # image-folder names that are splits, never classes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 Item = tuple[Any, int]  # (reference the encoder can open, class index)
@@ -72,50 +81,76 @@ class ShardTask:
     enc: Encoding
 
 
-def stratified_split(items: list[Item], fraction: float, seed: int) -> dict[str, list[Item]]:
-    """Hold out ``round(fraction * n)`` items of every class (keeping at least one for training)."""
+def stratified_split(items: list[Item], fraction: float, seed: int, *, held_out: str = "test",
+                     minimum: int = 0) -> dict[str, list[Item]]:
+    """Hold out ``round(fraction * n)`` items of every class, at least ``minimum``, at most ``n − 1``.
+
+    Returns ``{"train": …, held_out: …}``, class by class, each class in the items' order.
+    """
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[Item]] = defaultdict(list)
     for item in items:
         by_class[item[1]].append(item)
-    out: dict[str, list[Item]] = {"train": [], "test": []}
+    out: dict[str, list[Item]] = {"train": [], held_out: []}
     for c in sorted(by_class):
         group = by_class[c]
-        k = min(len(group) - 1, round(fraction * len(group)))
+        k = min(len(group) - 1, max(minimum, round(fraction * len(group))))
         perm = rng.permutation(len(group))
-        out["test"] += [group[i] for i in sorted(perm[:k])]
+        out[held_out] += [group[i] for i in sorted(perm[:k])]
         out["train"] += [group[i] for i in sorted(perm[k:])]
     return out
 
 
-def digits_source(real_res: int) -> Source:
-    """scikit-learn's digits in lgm_ray's fixed split, upsampled to ``real_res``."""
+def carve_val(items: list[Item], fraction: float, seed: int, class_names: Sequence[str]
+              ) -> dict[str, list[Item]]:
+    """The validation carve: ``{"train", "val"}`` out of train items, stratified, ≥ 1 of each class each side.
+
+    Raises:
+        ShardError: a class has fewer than 2 train items, so it cannot give one to each side.
+    """
+    counts = np.bincount([y for _, y in items], minlength=len(class_names))
+    if few := [class_names[c] for c, n in enumerate(counts) if n < 2]:
+        raise ShardError(f"classes {few} have fewer than 2 train images, so a validation split (≥ 1 per "
+                         "class, ≥ 1 left for training) cannot be held out; add images or build without "
+                         "--val-fraction")
+    return stratified_split(items, fraction, derive_seed(seed, "val-split"), held_out="val", minimum=1)
+
+
+def digits_source(real_res: int, val_fraction: float = 0.0, val_seed: int = 0) -> Source:
+    """scikit-learn's digits in lgm_ray's fixed split, upsampled to ``real_res``; ``val`` carved if asked."""
     from lgm_ray.digits import CLASS_NAMES, load_digits_split
 
     items = {}
-    for split in SPLITS:
-        images, labels = load_digits_split(split, res=real_res)
+    for split in SPLITS if val_fraction > 0 else ("train", "test"):
+        images, labels = load_digits_split(split, res=real_res, val_fraction=val_fraction, val_seed=val_seed)
         arrays = np.rint(images.numpy() * 255.0).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         items[split] = [(a, int(y)) for a, y in zip(arrays, labels.tolist(), strict=True)]
     return Source("digits", None, list(CLASS_NAMES), items, "fixed: lgm_ray.digits (stratified 80/20)",
                   {"originals": "8x8 grey, upsampled bilinearly to short_side by lgm_ray.digits"})
 
 
-def _class_files(folder: Path) -> dict[str, list[str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _class_files(folder: Path, exclude: Sequence[str] = ()) -> dict[str, list[str]]:
+    classes = sorted(d.name for d in folder.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and d.name not in exclude)
     return {c: sorted(str(p) for p in (folder / c).rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
             for c in classes}
 
 
 def imagefolder_source(path: str, test_fraction: float, seed: int) -> Source:
-    """``DIR/CLASS/*.jpg`` (split here), or ``DIR/train/CLASS/…`` with ``DIR/test`` (or ``val``) beside it."""
+    """Class folders ``DIR/CLASS/*.jpg`` or ``DIR/train/CLASS/…``, with held-out folders beside them.
+
+    A held-out folder (``test``, ``val`` or ``validation``, holding the same class folders) is a split,
+    never a class, with or without ``train/``: ``test/`` is the test split, else ``val/`` (ImageNet's
+    layout) or ``validation/``; ``val/`` (or ``validation/``) beside ``test/`` is the val split. With no
+    held-out folder, the test split is held out of the images here (``test_fraction``, ``seed``).
+    """
     root = Path(path)
     if not root.is_dir():
         raise ShardError(f"image folder {root} does not exist or is not a folder")
     train_dir = root / "train" if (root / "train").is_dir() else root
-    test_dir = next((root / n for n in ("test", "val", "validation") if (root / n).is_dir()), None)
-    train = _class_files(train_dir)
+    held = [root / n for n in HELD_OUT_DIRS if (root / n).is_dir()]
+    train = _class_files(train_dir, HELD_OUT_DIRS if train_dir == root else ())
     if not train:
         raise ShardError(f"{train_dir} holds no class sub-folders; lay it out as DIR/CLASS/IMAGE "
                          "or DIR/train/CLASS/IMAGE (+ DIR/test/CLASS/IMAGE)")
@@ -124,14 +159,18 @@ def imagefolder_source(path: str, test_fraction: float, seed: int) -> Source:
                          "remove those folders")
     names = list(train)
     flat = [(f, i) for i, name in enumerate(names) for f in train[name]]
-    if train_dir == root or test_dir is None:
+    if not held:
         return Source("imagefolder", str(root.resolve()), names, stratified_split(flat, test_fraction, seed),
                       f"stratified hold-out, test fraction {test_fraction}, seed {seed}")
-    test = _class_files(test_dir)
-    if unknown := sorted(set(test) - set(names)):
-        raise ShardError(f"test classes {unknown} in {test_dir} have no folder in {train_dir}")
-    items = {"train": flat, "test": [(f, names.index(c)) for c, files in test.items() for f in files]}
-    return Source("imagefolder", str(root.resolve()), names, items, f"folders: train, {test_dir.name}")
+    items: dict[str, list[Item]] = {"train": flat}
+    for split, folder in zip(("test", "val"), held[:2], strict=False):
+        files = _class_files(folder)
+        if unknown := sorted(set(files) - set(names)):
+            raise ShardError(f"{split} classes {unknown} in {folder} have no folder in {train_dir}")
+        items[split] = [(f, names.index(c)) for c, fs in files.items() for f in fs]
+    method = "folders: " + ", ".join([train_dir.name if train_dir != root else "(class folders)",
+                                      *(f.name for f in held[:2])])
+    return Source("imagefolder", str(root.resolve()), names, items, method)
 
 
 def hf_source(path: str, image_column: str, label_column: str, test_fraction: float, seed: int) -> Source:
@@ -146,8 +185,9 @@ def hf_source(path: str, image_column: str, label_column: str, test_fraction: fl
         if "train" not in saved:
             raise ShardError(f"{path} has splits {list(saved)} but no 'train' split")
         parts = {"train": ("train", saved["train"])}
-        for name in [n for n in ("test", "validation") if n in saved][:1]:
-            parts["test"] = (name, saved[name])
+        held = [n for n in ("test", "validation") if n in saved]
+        for split, name in zip(("test", "val"), held, strict=False):  # validation is test unless test exists
+            parts[split] = (name, saved[name])
     else:
         parts = {"train": (None, saved)}
     first = parts["train"][1]
@@ -172,7 +212,7 @@ def hf_source(path: str, image_column: str, label_column: str, test_fraction: fl
                                  f"not one of the {len(names)} classes")
             items[split].append((("hf", path, name, row, image_column), index[value]))
     if "test" in parts:
-        method = f"saved splits: train, {parts['test'][0]}"
+        method = "saved splits: " + ", ".join(str(name) for name, _ in parts.values())
     else:
         items = stratified_split(items["train"], test_fraction, seed)
         method = f"stratified hold-out, test fraction {test_fraction}, seed {seed}"
@@ -329,9 +369,9 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def build(source: str, path: str | None = None, *, out: str, real_res: int | None = None,
           fmt: str | None = None, quality: int = 95, shard_size: int = 1000, workers: int | None = None,
-          test_fraction: float = 0.1, split_seed: int = 0, overwrite: bool = False,
-          on_bad_sample: str = "raise", image_column: str = "image", label_column: str = "label",
-          command: Sequence[str] | None = None) -> dict[str, Any]:
+          test_fraction: float = 0.1, split_seed: int = 0, val_fraction: float = 0.0, val_seed: int = 0,
+          overwrite: bool = False, on_bad_sample: str = "raise", image_column: str = "image",
+          label_column: str = "label", command: Sequence[str] | None = None) -> dict[str, Any]:
     """Build a shard set (see the module docstring and ``python -m lgm_ray.shards build -h``).
 
     Returns:
@@ -348,16 +388,28 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
         raise ValueError(f"source must be 'digits' or 'imagefolder DIR' or 'hf DIR', got {source!r} {path!r}")
     if real_res < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0.0 <= test_fraction < 1.0:
         raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, --quality 1..100, --test-fraction in [0, 1)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"need --val-fraction in [0, 1), got {val_fraction}")
     target = Path(out)
     _check_out(target, overwrite)
     started = time.monotonic()
-    src = (digits_source(real_res) if source == "digits"
+    src = (digits_source(real_res, val_fraction, val_seed) if source == "digits"
            else imagefolder_source(str(path), test_fraction, split_seed) if source == "imagefolder"
            else hf_source(str(path), image_column, label_column, test_fraction, split_seed))
     train_counts = np.bincount([y for _, y in src.items["train"]], minlength=len(src.class_names)).tolist()
     _require_train_images(src.class_names, train_counts, f"in {path or source}")
+    if val_fraction > 0 and source != "digits":
+        if "val" in src.items:
+            raise ShardError(f"{path} brings its own validation split ({src.split_method}); build without "
+                             "--val-fraction, or move that folder away to carve one out of train")
+        src.items.update(carve_val(src.items["train"], val_fraction, val_seed, src.class_names))
+    if val_fraction > 0:
+        src.split_method += f"; val: stratified carve from train, fraction {val_fraction}, seed {val_seed}"
+    splits = [s for s in SPLITS if s != "val" or "val" in src.items]
     flags = {"out": out, "real-res": real_res, "format": fmt, "quality": quality, "shard-size": shard_size,
              "test-fraction": test_fraction, "split-seed": split_seed, "on-bad-sample": on_bad_sample}
+    if val_fraction > 0:
+        flags.update({"val-fraction": val_fraction, "val-seed": val_seed})
     args = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     command = command or ["build", source, *([path] if path else []), *args]
     staging = target.parent / f".{target.name}.building-{os.getpid()}"
@@ -366,11 +418,11 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
     try:
         enc = Encoding(fmt, quality, real_res, on_bad_sample)
         tasks = plan_tasks(src, staging, enc, shard_size, split_seed)
-        sizes = ", ".join(f"{s} {len(src.items.get(s, []))}" for s in SPLITS)
+        sizes = ", ".join(f"{s} {len(src.items.get(s, []))}" for s in splits)
         print(f"[shards] building {target} from {path or source}: {sizes} images, {len(src.class_names)} "
               f"classes, {len(tasks)} shards, {workers} workers", file=sys.stderr, flush=True)
         results = run_tasks(tasks, workers)
-        counts = {s: [0] * len(src.class_names) for s in SPLITS}
+        counts = {s: [0] * len(src.class_names) for s in splits}
         for r in results:
             for label in r.pop("labels"):
                 counts[r["split"]][label] += 1
@@ -382,7 +434,8 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
             "class_names": src.class_names, "counts": counts,
             "image": {"encoding": fmt, "quality": quality if fmt == "jpg" else None, "short_side": real_res,
                       "resize": "short side to short_side, bilinear, antialiased, uncropped", "mode": "RGB"},
-            "split": {"method": src.split_method, "seed": split_seed},
+            "split": {"method": src.split_method, "seed": split_seed,
+                      **({"val_fraction": val_fraction, "val_seed": val_seed} if val_fraction > 0 else {})},
             "shard_size": shard_size, "shards": results, "skipped": skipped,
             "command": shlex.join(["python", "-m", "lgm_ray.shards", *command]),
             "lgm_ray_version": __version__,

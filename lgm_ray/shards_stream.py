@@ -4,13 +4,16 @@ A shard set is a folder (or URL prefix) holding ``manifest.json`` and tar shards
 A sample is ``KEY.jpg`` (or ``KEY.png``) plus ``KEY.cls``, its class index in ASCII.
 
 Integrity: opening a *local* set checks that every listed shard exists with the manifest's byte size and
-that no unlisted ``*.tar`` lies beside them. Every read of a shard, local or remote, loads it whole and
-checks its size, sha256 and sample count before any of its samples is used. ``verify`` also decodes all.
+that no unlisted ``*.tar`` lies beside them. Every load of a shard, local or remote, reads it whole and
+checks its size, sha256 and sample count before any of its samples is used (a reader keeps a few small
+shards it has checked, see :class:`Reader`). ``verify`` also decodes all.
 
-Determinism: a *unit* is one shard (or a rank's slice of it) read in one epoch. Unit order, sample order
-within a unit and every random crop come from generators seeded by ``(seed, rank, world_size, epoch,
-shard)`` alone, and DataLoader workers hand whole units back in unit order, so batches do not depend on
-``num_workers``.
+Determinism: a *unit* is one shard (or a slice of it) read once. Training units belong to a virtual stream
+(see :mod:`lgm_ray.sources` for the rule that deals streams to ranks); a stream's unit order, the sample
+order within a unit and every random crop come from generators seeded by ``(seed, stream, epoch, shard)``
+alone, and DataLoader workers hand whole units back in unit order, so batches depend neither on
+``num_workers`` nor on how many ranks share the streams. Positions within a stream are computed from the
+manifest's counts, so a stream can start at any step without decoding what comes before.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from heapq import merge
 from itertools import count
 from typing import Any, NamedTuple
 
@@ -29,12 +34,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lgm_ray.seeds import derive_seed
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGE_FORMATS = ("jpg", "png")
 ON_BAD_SAMPLE = ("raise", "skip")
-# Domain tags keep the random streams of different uses apart for one user seed.
-TAG_ORDER, TAG_UNIT, TAG_PICK = 1, 2, 3
+# A domain tag keeps random_per_class's draws apart from other uses of one user seed.
+TAG_PICK = 3
 
 Sample = tuple[str, dict[str, bytes]]
 
@@ -275,7 +282,11 @@ def crop_array(img: Image.Image, size: int, fx: float | None = None, fy: float |
 
 @dataclass(frozen=True)
 class Unit:
-    """One shard read in one pass: keep positions p with (offset + p) % stride == phase."""
+    """One shard read in one pass: keep positions p with (offset + p) % stride == phase.
+
+    With ``rng_key``, the kept samples are shuffled and cropped at random, and the first ``skip`` of the
+    shuffled order are dropped without being decoded (a stream that starts inside this unit).
+    """
 
     uid: int
     shard: int
@@ -285,18 +296,43 @@ class Unit:
     size: int
     crop: int
     rng_key: tuple[int, ...] | None = None  # None: file order and centre crops
+    stream: int = 0
+    skip: int = 0
 
 
 Decoded = tuple[int, torch.Tensor, torch.Tensor, list[str], list[SkippedSample]]
 
 
 class Reader:
-    """Decodes units; small and picklable so DataLoader workers get their own copy."""
+    """Decodes units; small and picklable so DataLoader workers get their own copy.
 
-    def __init__(self, root: str, manifest: dict[str, Any], on_bad_sample: str) -> None:
+    Keeps the last checked and parsed shards, up to ``cache_bytes`` of them, because a set with fewer
+    shards than virtual streams has every stream read every shard (a slice each) in every epoch.
+    """
+
+    def __init__(self, root: str, manifest: dict[str, Any], on_bad_sample: str,
+                 cache_bytes: int = 64 << 20) -> None:
         self.root, self.manifest, self.on_bad_sample = root, manifest, on_bad_sample
         self.encoding = manifest["image"]["encoding"]
         self.num_classes = len(manifest["class_names"])
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, list[Sample]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": OrderedDict()}  # a worker starts with an empty cache
+
+    def samples(self, shard: int) -> list[Sample]:
+        """The samples of the manifest's shard number ``shard``: loaded and checked, or cached."""
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        entry = self.manifest["shards"][shard]
+        samples = load_shard(self.root, entry)
+        if entry["bytes"] <= self.cache_bytes:
+            self._cache[shard] = samples
+            while sum(self.manifest["shards"][i]["bytes"] for i in self._cache) > self.cache_bytes:
+                self._cache.popitem(last=False)
+        return samples
 
     def bad(self, url: str, bad: BadSample) -> SkippedSample:
         """Raise for a bad sample, or describe it when the policy is to skip."""
@@ -307,15 +343,15 @@ class Reader:
 
     def decode_unit(self, unit: Unit) -> Decoded:
         """Decode a unit into uint8 images N×3×crop×crop, labels, keys and the samples skipped."""
-        entry = self.manifest["shards"][unit.shard]
-        url = join(self.root, entry["name"])
-        samples = load_shard(self.root, entry)
+        url = join(self.root, self.manifest["shards"][unit.shard]["name"])
+        samples = self.samples(unit.shard)
         picked = [s for p, s in enumerate(samples) if (unit.offset + p) % unit.stride == unit.phase]
         offsets = None
         if unit.rng_key is not None:
             rng = np.random.default_rng(list(unit.rng_key))
             picked = [picked[i] for i in rng.permutation(len(picked))]
             offsets = rng.random((len(picked), 2))  # drawn for all, so a skipped sample shifts no crop
+            picked, offsets = picked[unit.skip:], offsets[unit.skip:]
         images = torch.empty((len(picked), 3, unit.crop, unit.crop), dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             images.share_memory_()  # filled in place, so nothing is copied on the way to the main process
@@ -333,24 +369,68 @@ class Reader:
         return unit.uid, images[:len(keys)], torch.tensor(labels, dtype=torch.int64), keys, skipped
 
 
-@dataclass(frozen=True)
-class TrainUnits:
-    """The endless unit sequence of one rank: every epoch a fresh shard order and fresh seeds."""
+def stream_layout(batch_size: int, num_streams: int, rank: int, world_size: int, start_step: int = 0
+                  ) -> tuple[list[int], list[int]]:
+    """Each virtual stream's share of a global batch, and the streams that rank ``rank`` reads.
 
-    plan: tuple[tuple[int, int, int, int], ...]
+    Stream ``v`` gives ``batch_size // num_streams + (v < batch_size % num_streams)`` samples per step;
+    rank ``r`` of ``world_size`` reads streams ``r, r + world_size, …``.
+
+    Raises:
+        ValueError: a bad argument, or more ranks than streams (a rank would get no stream at all).
+    """
+    if batch_size < 1 or num_streams < 1 or start_step < 0:
+        raise ValueError(f"need batch_size ≥ 1, num_streams ≥ 1 and start_step ≥ 0, got batch_size="
+                         f"{batch_size}, num_streams={num_streams}, start_step={start_step}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size > num_streams:
+        raise ValueError(f"world_size={world_size} ranks cannot share num_streams={num_streams} virtual "
+                         f"streams (each rank reads whole streams); raise num_streams (config field "
+                         f"real_streams) to at least {world_size}")
+    base, extra = divmod(batch_size, num_streams)
+    return [base + (v < extra) for v in range(num_streams)], list(range(rank, num_streams, world_size))
+
+
+StreamPlan = tuple[tuple[int, int, int, int, int], ...]  # units: (shard, offset, stride, phase, samples)
+
+
+@dataclass(frozen=True)
+class StreamUnits:
+    """The units of some virtual streams from step ``start_step`` on, in the order they are first needed.
+
+    Stream ``v`` walks its units epoch after epoch, each epoch in an order seeded by ``(seed, v, epoch)``;
+    it hands out ``share`` samples per step, so the unit holding stream position ``i`` is first needed at
+    step ``i // share``. The streams' unit sequences are merged by that step (then by stream), which
+    is the order a consumer of all these streams needs them in. The first unit of each stream starts at
+    position ``start_step * share``, found from the manifest's counts without reading anything.
+    """
+
+    streams: tuple[tuple[int, StreamPlan, int], ...]  # (stream id, units, share per step)
     seed: int
-    rank: int
-    world_size: int
+    start_step: int
     size: int
 
+    def _needs(self, v: int, plan: StreamPlan, share: int) -> Iterator[tuple[int, int, Unit]]:
+        total = sum(n for *_, n in plan)
+        start = self.start_step * share
+        for epoch in count(start // total):
+            rng = np.random.default_rng(derive_seed(self.seed, "real-order", v, epoch))
+            order = rng.permutation(len(plan))
+            first = epoch * total  # stream position of the unit's first sample
+            for k in order:
+                shard, offset, stride, phase, n = plan[k]
+                if first + n > start:
+                    skip = max(0, start - first)
+                    key = (derive_seed(self.seed, "real-unit", v, epoch, shard),)
+                    unit = Unit(-1, shard, offset, stride, phase, self.size, self.size, key, v, skip)
+                    yield (first + skip) // share, v, unit
+                first += n
+
     def __iter__(self) -> Iterator[Unit]:
-        base = (self.seed, self.rank, self.world_size)
-        for epoch in count():
-            order = np.random.default_rng([TAG_ORDER, *base, epoch]).permutation(len(self.plan))
-            for j, k in enumerate(order):
-                shard, offset, stride, phase = self.plan[k]
-                yield Unit(epoch * len(self.plan) + j, shard, offset, stride, phase, self.size, self.size,
-                           (TAG_UNIT, *base, epoch, shard))
+        needs = merge(*(self._needs(v, plan, share) for v, plan, share in self.streams), key=lambda x: x[:2])
+        for uid, (_, _, unit) in enumerate(needs):
+            yield replace(unit, uid=uid)
 
 
 class UnitDataset(torch.utils.data.IterableDataset):
@@ -371,12 +451,17 @@ class UnitDataset(torch.utils.data.IterableDataset):
                     return
 
 
-def decoded_units(reader: Reader, units: Iterable[Unit], num_workers: int) -> Iterator[Decoded]:
-    """Decode units in uid order, in-process or with a DataLoader of ``num_workers`` processes."""
+def decoded_units(reader: Reader, units: Iterable[Unit], num_workers: int, ahead: int = 2
+                  ) -> Iterator[Decoded]:
+    """Decode units in uid order, in-process or with a DataLoader of ``num_workers`` processes.
+
+    ``ahead`` is how many decoded units each worker may hold ready (the DataLoader's prefetch factor).
+    """
     if num_workers == 0:
         yield from (reader.decode_unit(u) for u in units)
         return
-    loader = torch.utils.data.DataLoader(UnitDataset(reader, units), batch_size=None, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(UnitDataset(reader, units), batch_size=None, num_workers=num_workers,
+                                         prefetch_factor=ahead)
     pending: dict[int, Any] = {}
     expected = 0
     for item in loader:  # already in uid order (round-robin); the buffer only guards that assumption

@@ -2,54 +2,128 @@
 
 ``digits`` is scikit-learn's digits held in memory (no files needed: the tests and the quickest
 demo); any other value is a WebDataset shards folder or URL written by ``python -m lgm_ray.shards``.
-Both stream endless shuffled batches that are a deterministic function of their seed, which is what
-lets a distillation run resume bit-identically (it re-opens the stream at every checkpoint with a
-seed derived from the step).
+
+**The real batch of a step.** ``source.batches(B, seed=s, start_step=t, rank=r, world_size=K,
+num_streams=V)`` yields rank ``r``'s share of the global real batch of steps ``t, t + 1, …``, by one
+rule that makes the global batch a function of ``(s, step, B, V)`` and the data alone:
+
+1. The training data is dealt to ``V`` virtual streams. Shards: shard ``i`` (manifest order) goes to
+   stream ``i % V`` when there are at least ``V`` train shards, else sample ``j`` of the split goes to
+   stream ``j % V``. Digits: sample ``j`` of the train split goes to stream ``j % V``.
+2. Each stream is an endless shuffled sequence seeded apart from ``(s, stream)``: every epoch a fresh
+   order of its units (shards or shard slices) and of the samples in each unit, and, for shards, a
+   fresh random ``R``×``R`` crop of every image (resized to short side ``R``).
+3. Stream ``v`` gives ``B // V + (v < B % V)`` samples per step, the next ones of its sequence; the
+   global batch of step ``t`` is the streams' shares concatenated in stream order. A sample's
+   *position* is its index ``0 … B − 1`` in that batch; the caller uses it to pick the sample's
+   augmentation out of a draw made for the whole batch.
+4. Rank ``r`` reads streams ``r, r + K, r + 2K, …`` and yields their shares (in stream order) with
+   their positions. The union over ranks is the global batch, whatever ``K``.
+
+Consequences: a run on any number of ranks sees the same batches; a run resumed (or extended) at any
+step sees exactly the batches of an uninterrupted run, because a stream's place at step ``t`` is
+computed from the counts (``t × share`` samples in), and only the unit it lands in is read; the DataLoader
+decode processes (``num_workers``) change nothing.
+
+Limits: ``K ≤ V`` (each rank reads whole streams: raise ``num_streams`` for more ranks; a ``ValueError``
+says so); ranks read unequal shares when ``V`` is not a multiple of ``K`` (e.g. V = 8, K = 3: 3, 3 and
+2 streams); ``B < V`` is allowed — streams whose share is 0 read nothing, and a rank whose streams all
+have share 0 yields empty batches; ``V`` must not exceed the number of training samples; changing
+``V``, ``B`` or ``R`` changes every batch. Exactness of resumption counts on every sample decoding:
+under ``on_bad_sample="skip"`` a skipped sample shifts the rest of its stream, so a resumed run can
+differ from an uninterrupted one after a bad sample (sets with no bad samples are exact). A stream's
+memory is one decoded unit (a whole shard: ``count × 3 × R × R`` bytes) plus the DataLoader's prefetch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from itertools import count
+from typing import NamedTuple, Protocol
 
 import torch
 
 from lgm_ray.digits import CLASS_NAMES, load_digits_split
+from lgm_ray.seeds import generator
+from lgm_ray.shards_stream import stream_layout
+
+
+class RealBatch(NamedTuple):
+    """A rank's share of one step's global real batch."""
+
+    images: torch.Tensor  # float32 B_r×3×R×R in [0, 1]
+    labels: torch.Tensor  # int64 B_r
+    positions: torch.Tensor  # int64 B_r: places of these samples in the global batch, 0 … B − 1
 
 
 class RealSource(Protocol):
     num_classes: int
     class_names: list[str]
 
-    def stream(
-        self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                world_size: int = 1, num_streams: int = 8) -> Iterator[RealBatch]: ...
 
 
 class DigitsSource:
-    """The digits train split in memory, resized to ``real_res``, as an endless shuffled stream."""
+    """The digits train split in memory, resized to ``real_res``, dealt to virtual streams (module doc).
 
-    def __init__(self, real_res: int = 32) -> None:
-        self.images, self.labels = load_digits_split("train", res=real_res)
+    Args:
+        real_res: image side in pixels.
+        val_fraction: hold this fraction of every class out of train as a ``val`` split (not streamed),
+            so that choices tuned on ``load_digits_split("val", …)`` never saw their images.
+        val_seed: seed of that carve.
+    """
+
+    def __init__(self, real_res: int = 32, *, val_fraction: float = 0.0, val_seed: int = 0) -> None:
+        self.images, self.labels = load_digits_split("train", res=real_res, val_fraction=val_fraction,
+                                                     val_seed=val_seed)
         self.class_names = list(CLASS_NAMES)
         self.num_classes = len(self.class_names)
         self.real_res = real_res
 
-    def stream(
-        self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx_all = torch.arange(rank, len(self.labels), world_size)
-        g = torch.Generator().manual_seed(seed)
-        buf = torch.empty(0, dtype=torch.long)
-        while True:
-            while len(buf) < batch_size:
-                buf = torch.cat([buf, idx_all[torch.randperm(len(idx_all), generator=g)]])
-            take, buf = buf[:batch_size], buf[batch_size:]
-            yield self.images[take], self.labels[take]
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                world_size: int = 1, num_streams: int = 8) -> Iterator[RealBatch]:
+        """This rank's share of the global real batch of step ``start_step``, ``start_step + 1``, …"""
+        shares, mine = stream_layout(batch_size, num_streams, rank, world_size, start_step)
+        n = len(self.labels)
+        if n < num_streams:
+            raise ValueError(f"digits train has {n} samples, fewer than num_streams={num_streams}; lower "
+                             "num_streams (config field real_streams)")
+        first = [sum(shares[:v]) for v in range(num_streams)]
+        active = [v for v in mine if shares[v]]
+        positions = torch.cat([torch.arange(first[v], first[v] + shares[v]) for v in active] or
+                              [torch.empty(0, dtype=torch.int64)])
+        members = {v: torch.arange(v, n, num_streams) for v in active}
+        return self._serve(members, shares, seed, start_step, positions)
+
+    def _serve(self, members: dict[int, torch.Tensor], shares: list[int], seed: int, start_step: int,
+               positions: torch.Tensor) -> Iterator[RealBatch]:
+        epochs: dict[int, tuple[int, torch.Tensor]] = {}
+
+        def order(v: int, epoch: int) -> torch.Tensor:  # the stream's samples in epoch ``epoch``'s order
+            if epochs.get(v, (-1,))[0] != epoch:
+                perm = torch.randperm(len(members[v]), generator=generator(seed, "real-order", v, epoch))
+                epochs[v] = (epoch, members[v][perm])
+            return epochs[v][1]
+
+        for step in count(start_step):
+            picks = [torch.empty(0, dtype=torch.int64)]
+            for v, idx in members.items():
+                i = torch.arange(step * shares[v], (step + 1) * shares[v])  # stream positions of this step
+                for epoch in (i // len(idx)).unique().tolist():  # one epoch, or the end of one and a start
+                    picks.append(order(v, epoch)[i[i // len(idx) == epoch] % len(idx)])
+            take = torch.cat(picks)
+            yield RealBatch(self.images[take], self.labels[take], positions.clone())
 
 
 class ShardSource:
-    """A WebDataset shards folder (or URL) read through :class:`lgm_ray.shards.ShardSet`."""
+    """A WebDataset shards folder (or URL) read through :class:`lgm_ray.shards.ShardSet`.
+
+    Args:
+        root: the shard set's folder or URL prefix.
+        real_res: side of the random crops (default: the size the shards were built at).
+        num_workers: DataLoader processes decoding shards; the batches do not depend on it.
+    """
 
     def __init__(self, root: str, real_res: int | None = None, num_workers: int = 0) -> None:
         from lgm_ray.shards import ShardSet
@@ -60,13 +134,13 @@ class ShardSource:
         self.real_res = real_res
         self.num_workers = num_workers
 
-    def stream(
-        self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.shards.train_stream(
-            batch_size, seed=seed, rank=rank, world_size=world_size, real_res=self.real_res,
-            num_workers=self.num_workers,
-        )
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
+                world_size: int = 1, num_streams: int = 8) -> Iterator[RealBatch]:
+        """This rank's share of the global real batch of step ``start_step``, ``start_step + 1``, …"""
+        stream = self.shards.train_batches(batch_size, seed=seed, start_step=start_step, rank=rank,
+                                           world_size=world_size, num_streams=num_streams,
+                                           real_res=self.real_res, num_workers=self.num_workers)
+        return (RealBatch(*b) for b in stream)
 
 
 def open_source(spec: str, real_res: int | None = None, num_workers: int = 0) -> RealSource:
@@ -74,4 +148,3 @@ def open_source(spec: str, real_res: int | None = None, num_workers: int = 0) ->
     if spec == "digits":
         return DigitsSource(real_res or 32)
     return ShardSource(spec, real_res, num_workers)
-

@@ -209,6 +209,19 @@ def test_build_hf_dataset_dict_with_classlabel(tmp_path: Path, capsys: pytest.Ca
         build("hf", str(tmp_path / "hf_empty"), out=str(tmp_path / "empty"))
 
 
+def test_build_hf_validation_beside_test_is_val(tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["p", "q"])})
+    parts = {name: datasets.Dataset.from_dict({"image": _hf_images(n), "label": [0, 1] * (n // 2)},
+                                              features=features)
+             for name, n in (("train", 6), ("validation", 4), ("test", 2))}
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
+    m = build("hf", str(tmp_path / "hf"), out=str(tmp_path / "set"), real_res=6, workers=1)
+    assert m["counts"] == {"train": [3, 3], "test": [1, 1], "val": [2, 2]}
+    assert m["split"]["method"] == "saved splits: train, test, validation"
+
+
 def test_build_hf_single_dataset_custom_columns(tmp_path: Path) -> None:
     import datasets
 
@@ -293,39 +306,62 @@ def test_shardset_basics(square_set: Path) -> None:
     assert s.class_names == ["a", "b", "c"] and s.num_classes == 3
     assert s.count("train") == 45 and s.count("test") == 15
     assert [Path(u).name for u in s.shard_urls("test")] == ["test-000000.tar", "test-000001.tar"]
-    with pytest.raises(ValueError, match="no split 'val'"):
+    with pytest.raises(ValueError, match=r"has no split 'val' \(it has train, test\).*--val-fraction"):
         s.count("val")
+    with pytest.raises(ValueError, match=r"has no split 'val'.*--val-fraction"):
+        s.eval_batches("val")
+    with pytest.raises(ValueError, match="split must be one of train, test, val; got 'valid'"):
+        s.count("valid")
     with pytest.raises(ValueError, match="rank"):
-        s.train_stream(4, seed=0, rank=2, world_size=2)
+        s.train_batches(4, seed=0, rank=2, world_size=2)
 
 
-def test_train_stream_deterministic(rect_set: Path) -> None:
+def test_train_batches_deterministic(rect_set: Path) -> None:
     s = ShardSet(str(rect_set))
-    a = _take(s.train_stream(7, seed=3), 6)  # 42 samples > 18: crosses epochs
-    b = _take(s.train_stream(7, seed=3), 6)
-    workers = _take(s.train_stream(7, seed=3, num_workers=2), 6)
-    other = _take(s.train_stream(7, seed=4), 6)
-    assert a[0][0].shape == (7, 3, 8, 8) and a[0][0].dtype == torch.float32 and a[0][1].dtype == torch.int64
-    assert 0.0 <= float(a[0][0].min()) and float(a[0][0].max()) <= 1.0
-    for (x, y), (x2, y2), (x3, y3) in zip(a, b, workers, strict=True):
-        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x, x3) and torch.equal(y, y3)
-    assert not all(torch.equal(x, x2) for (x, _), (x2, _) in zip(a, other, strict=True))
-    small = _take(s.train_stream(4, seed=3, real_res=5), 1)[0][0]
+    for streams in (2, 8):  # 4 train shards: dealt whole (2 streams) or sliced (8 streams)
+        a = _take(s.train_batches(7, seed=3, num_streams=streams), 6)  # 42 samples > 18: crosses epochs
+        b = _take(s.train_batches(7, seed=3, num_streams=streams), 6)
+        workers = _take(s.train_batches(7, seed=3, num_streams=streams, num_workers=2), 6)
+        other = _take(s.train_batches(7, seed=4, num_streams=streams), 6)
+        x0, y0, p0 = a[0]
+        assert x0.shape == (7, 3, 8, 8) and x0.dtype == torch.float32 and y0.dtype == p0.dtype == torch.int64
+        assert 0.0 <= float(x0.min()) and float(x0.max()) <= 1.0 and p0.tolist() == list(range(7))
+        for one, two, three in zip(a, b, workers, strict=True):
+            for u, v, w in zip(one, two, three, strict=True):
+                assert torch.equal(u, v) and torch.equal(u, w)
+        assert not all(torch.equal(x, x2) for (x, _, _), (x2, _, _) in zip(a, other, strict=True))
+    small = _take(s.train_batches(4, seed=3, real_res=5), 1)[0][0]
     assert small.shape == (4, 3, 5, 5)
 
 
-@pytest.mark.parametrize("world_size", [2, 7])  # 5 train shards: ranks split shards (2) or samples (7)
-def test_train_stream_ranks_disjoint(square_set: Path, world_size: int) -> None:
+@pytest.mark.parametrize("streams", [1, 9, 45])  # 45 train samples in 5 shards: 9 and 45 streams slice them
+def test_train_batches_epochs_cover_every_sample(square_set: Path, streams: int) -> None:
+    """Streams of equal size and a batch of the whole split: every step is one epoch of every stream."""
     s = ShardSet(str(square_set))
-    everything = {_h(x) for xs, _, _ in s.iter_split("train") for x in xs}
-    assert len(everything) == 45
-    parts = []
-    for rank in range(world_size):
-        n = sum(len(k) for _, _, k in s.eval_batches("train", rank=rank, world_size=world_size))
-        (epoch, _), = _take(s.train_stream(n, seed=0, rank=rank, world_size=world_size), 1)
-        parts.append({_h(x) for x in epoch})
-        assert len(parts[-1]) == n  # one epoch: each of the rank's samples once
-    assert sum(len(p) for p in parts) == 45 and set().union(*parts) == everything
+    everything = sorted(_h(x) for xs, _, _ in s.iter_split("train") for x in xs)
+    assert len(set(everything)) == 45
+    steps = _take(s.train_batches(45, seed=0, num_streams=streams), 2)
+    for x, _, _ in steps:
+        assert sorted(_h(i) for i in x) == everything
+    fresh_order = [_h(i) for i in steps[0][0]] != [_h(i) for i in steps[1][0]]
+    assert fresh_order == (streams < 45)  # a fresh order every epoch, unless every stream holds one sample
+
+
+def test_train_batches_random_crops_change_per_epoch(rect_set: Path) -> None:
+    s = ShardSet(str(rect_set))  # 18 train images of short side 8, long sides 11…18: crops vary
+    (x0, y0, _), (x1, y1, _) = _take(s.train_batches(18, seed=0, num_streams=1), 2)
+    assert sorted(y0.tolist()) == sorted(y1.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    assert sorted(_h(i) for i in x0) != sorted(_h(i) for i in x1)  # same images, other crops
+
+
+def test_train_batches_bad_arguments(square_set: Path) -> None:
+    s = ShardSet(str(square_set))
+    with pytest.raises(ValueError, match=r"world_size=3 .* num_streams=2 .*raise num_streams"):
+        s.train_batches(8, seed=0, rank=0, world_size=3, num_streams=2)
+    with pytest.raises(ValueError, match=r"45 train samples, fewer than num_streams=46; lower num_streams"):
+        s.train_batches(8, seed=0, num_streams=46)
+    with pytest.raises(ValueError, match="start_step"):
+        s.train_batches(8, seed=0, start_step=-1)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])  # 2 test shards: ranks split shards (1, 2) or samples (3)
@@ -424,7 +460,7 @@ def test_bad_sample(bad_copy: Path, member_ext: str, payload: bytes, problem: st
     with pytest.raises(ShardError, match=message):
         list(s.iter_split("train"))
     with pytest.raises(ShardError, match=rf"^shard \S+{message}"):  # from a worker: the message alone
-        _take(s.train_stream(8, seed=0, num_workers=2), 10)
+        _take(s.train_batches(8, seed=0, num_workers=2), 10)
     assert main(["verify", str(bad_copy)]) == 1
     assert f"train-000002.tar, key {key}: {problem}" in capsys.readouterr().err
 
@@ -485,7 +521,86 @@ def test_skip_policy_counts_and_reports(bad_copy: Path, capsys: pytest.CaptureFi
     assert len(s.skipped) == 2  # each bad sample listed once
     streamed = ShardSet(str(bad_copy), on_bad_sample="skip")
     with pytest.warns(UserWarning):
-        _take(streamed.train_stream(43, seed=1, num_workers=2), 2)  # skips happen in worker processes
+        batches = _take(streamed.train_batches(43, seed=1, num_workers=2), 2)  # skips happen in workers
     assert sorted(x.key for x in streamed.skipped) == sorted([k1, k2])
+    assert all(len(x) == len(y) == len(p) == 43 for x, y, p in batches)  # streams take their next samples
     assert main(["verify", str(bad_copy), "--on-bad-sample", "skip"]) == 0
     assert "2 bad samples tolerated" in capsys.readouterr().out
+
+
+def test_stream_with_no_decodable_sample_fails(bad_copy: Path) -> None:
+    _rewrite_shard(bad_copy, "train-000004.tar",  # 5 samples, the only shard of stream 4 of 5
+                   lambda ms: [(n, b"junk" if n.endswith(".png") else p) for n, p in ms])
+    s = ShardSet(str(bad_copy), on_bad_sample="skip")
+    with pytest.warns(UserWarning), pytest.raises(ShardError, match="whole pass of virtual stream 4"):
+        _take(s.train_batches(10, seed=0, num_streams=5), 2)
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def _val_build(tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    assert main(["build", "digits", "--out", str(out), "--workers", "1", *extra]) == 0
+    return out
+
+
+def test_build_digits_val_split_matches_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lgm_ray.digits import load_digits_split
+
+    out = _val_build(tmp_path, "val", "--val-fraction", "0.1", "--val-seed", "3")
+    m = _manifest(out)
+    full = torch.bincount(load_digits_split("train")[1], minlength=10)
+    val_x, val_y = load_digits_split("val", val_fraction=0.1, val_seed=3)
+    assert m["counts"]["val"] == torch.bincount(val_y, minlength=10).tolist()
+    assert m["counts"]["val"] == [round(0.1 * int(n)) for n in full]
+    assert [a + b for a, b in zip(m["counts"]["train"], m["counts"]["val"], strict=True)] == full.tolist()
+    assert m["counts"]["test"] == torch.bincount(load_digits_split("test")[1], minlength=10).tolist()
+    assert [e["name"] for e in m["shards"] if e["split"] == "val"] == ["val-000000.tar"]
+    assert m["split"]["val_fraction"] == 0.1 and m["split"]["val_seed"] == 3
+    assert "--val-fraction 0.1 --val-seed 3" in m["command"]
+    s = ShardSet(str(out))
+    assert s.count("val") == len(val_y) == sum(m["counts"]["val"]) and s.count("train") == 1437 - len(val_y)
+    stored = sorted(_h(x) for xs, _, _ in s.iter_split("val") for x in xs)
+    assert stored == sorted(_h(x) for x in val_x)  # PNG of the rounded images: lossless
+    keys = [k for r in range(3) for _, _, ks in s.eval_batches("val", 50, rank=r, world_size=3) for k in ks]
+    assert sorted(keys) == sorted(_tar_labels(out, "val"))
+    train = [_h(x) for xs, _, _ in s.iter_split("train") for x in xs]
+    assert sorted(train + stored) == sorted(_h(x) for x in load_digits_split("train")[0])  # out of train
+    assert main(["verify", str(out)]) == 0
+    assert f"val {len(val_y)}" in capsys.readouterr().out
+    assert sorted(_h(x) for x in load_digits_split("val", val_fraction=0.1, val_seed=4)[0]) != stored
+
+
+def test_imagefolder_val_folder_is_a_split_never_a_class(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write_images(src, {"a": 4, "b": 3}, lambda i: (8, 8))
+    _write_images(src / "val", {"a": 2, "b": 1}, lambda i: (8, 8), seed=1)
+    m = build("imagefolder", str(src), out=str(tmp_path / "flat"), real_res=8, workers=1)
+    assert m["class_names"] == ["a", "b"] and m["counts"] == {"train": [4, 3], "test": [2, 1]}
+    assert m["split"]["method"] == "folders: (class folders), val"
+    carved = build("imagefolder", str(src), out=str(tmp_path / "carved"), real_res=8, workers=1,
+                   val_fraction=0.25)
+    assert carved["counts"] == {"train": [3, 2], "test": [2, 1], "val": [1, 1]}
+    s = ShardSet(str(tmp_path / "carved"))
+    val_keys = [k for _, _, ks in s.iter_split("val") for k in ks]
+    assert sorted(val_keys) == sorted(_tar_labels(tmp_path / "carved", "val")) and len(val_keys) == 2
+    _write_images(src / "test", {"a": 1, "b": 1}, lambda i: (8, 8), seed=2)
+    both = build("imagefolder", str(src), out=str(tmp_path / "both"), real_res=8, workers=1)
+    assert both["counts"] == {"train": [4, 3], "test": [1, 1], "val": [2, 1]}
+    assert main(["verify", str(tmp_path / "both")]) == 0
+    with pytest.raises(ShardError, match="brings its own validation split.*without --val-fraction"):
+        build("imagefolder", str(src), out=str(tmp_path / "twice"), val_fraction=0.1)
+
+
+def test_val_carve_keeps_one_of_each_class_on_each_side(tmp_path: Path) -> None:
+    _write_images(tmp_path / "src", {"a": 9, "b": 2}, lambda i: (8, 8))
+    m = build("imagefolder", str(tmp_path / "src"), out=str(tmp_path / "set"), real_res=8, workers=1,
+              test_fraction=0.0, val_fraction=0.01)
+    assert m["counts"]["val"] == [1, 1] and m["counts"]["train"] == [8, 1]  # round(0.09) = 0 → 1 anyway
+    _write_images(tmp_path / "src", {"c": 1}, lambda i: (8, 8))
+    with pytest.raises(ShardError, match=r"classes \['c'\] have fewer than 2 train images.*--val-fraction"):
+        build("imagefolder", str(tmp_path / "src"), out=str(tmp_path / "other"), test_fraction=0.0,
+              val_fraction=0.5)
+    with pytest.raises(ValueError, match=r"--val-fraction in \[0, 1\), got 1.0"):
+        build("imagefolder", str(tmp_path / "src"), out=str(tmp_path / "x"), val_fraction=1.0)
