@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lgm_ray.feature_cache import EvaluationInputError, MissingInputError
 from lgm_ray.synset import validate_synset
 
 BASELINES = ("random", "centroids", "neighbors", "full")
@@ -161,21 +162,35 @@ def select_by_indices(shards, train_keys: Sequence[str], train_labels: torch.Ten
 
 
 def load_synset(path: str | Path) -> dict:
-    """Load and check a saved synthetic set (the reference format, plus lgm_ray's extra keys)."""
+    """Load and check a saved synthetic set (the reference format, plus lgm_ray's extra keys).
+
+    Raises:
+        MissingInputError: no such file.
+        EvaluationInputError: the file is not a synthetic set (not loadable as plain tensors, or
+            without ``images`` N×3×H×W in [0, 1] and ``labels`` N).
+    """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"synthetic set file {str(p)!r} does not exist; pass the .pt file written by "
             "`python -m lgm_ray.distill` (or any torch.save'd {'images', 'labels'} dict)"
         )
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in several types
-        raise ValueError(
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types; all mean "not a plain set"
+        raise EvaluationInputError(
             f"cannot load synthetic set {str(p)!r} as plain tensors and lists ({type(exc).__name__}: {exc}); "
             "re-save it as {'images': tensor, 'labels': tensor, ...} with torch.save"
         ) from exc
-    return validate_synset(payload, source=str(p))
+    return checked_synset(payload, source=str(p))
+
+
+def checked_synset(payload: object, source: str = "synthetic set") -> dict:
+    """:func:`lgm_ray.synset.validate_synset`, its complaint raised as an :class:`EvaluationInputError`."""
+    try:
+        return validate_synset(payload, source=source)
+    except ValueError as exc:  # validate_synset's only error: a payload of the wrong form
+        raise EvaluationInputError(str(exc)) from None
 
 
 def check_synset_classes(labels: torch.Tensor, shards, *, class_names: list[str] | None = None,
@@ -183,8 +198,8 @@ def check_synset_classes(labels: torch.Tensor, shards, *, class_names: list[str]
     """Check a set's labels and class metadata against the shards' manifest.
 
     Raises:
-        ValueError: ``num_classes`` or ``class_names`` differ from the manifest's, or a label falls
-            outside ``0 … classes-1`` (the set was distilled from other data).
+        EvaluationInputError: ``num_classes`` or ``class_names`` differ from the manifest's, or a label
+            falls outside ``0 … classes-1`` (the set was distilled from other data).
 
     Warns:
         UserWarning: some class has no image (evaluated anyway; see :mod:`lgm_ray.evaluate`).
@@ -192,16 +207,16 @@ def check_synset_classes(labels: torch.Tensor, shards, *, class_names: list[str]
     c = shards.num_classes
     hint = "evaluate it against the shards it was distilled from (--shards)"
     if num_classes is not None and int(num_classes) != c:
-        raise ValueError(f"{source} has num_classes={int(num_classes)} but the shards have {c} classes; {hint}")
+        raise EvaluationInputError(f"{source} has num_classes={int(num_classes)} but the shards have {c} classes; {hint}")
     if class_names is not None and list(class_names) != list(shards.class_names):
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(class_names, shards.class_names, strict=False)) if a != b]
-        raise ValueError(
+        raise EvaluationInputError(
             f"{source}'s class_names differ from the shards manifest's ({len(class_names)} vs "
             f"{len(shards.class_names)} names; first differences (index, set, shards): {diff[:3]}); {hint}"
         )
     bad = sorted({int(v) for v in labels.tolist() if not 0 <= int(v) < c})
     if bad:
-        raise ValueError(f"{source} has labels {bad[:10]} outside the shards' classes 0…{c - 1}; {hint}")
+        raise EvaluationInputError(f"{source} has labels {bad[:10]} outside the shards' classes 0…{c - 1}; {hint}")
     missing = sorted(set(range(c)) - {int(v) for v in labels.tolist()})
     if missing:
         warnings.warn(

@@ -5,23 +5,34 @@ Evaluating many training sets on one backbone tests them all on the same test sp
 computing those once per (backbone and its weights, dataset manifest, split, preprocessing,
 normalisation) and reusing them is what makes a cross-model table affordable.
 
-The key is a SHA-256 over a JSON description of those inputs (:func:`feature_key`); the backbone's
-part hashes its state dict (:func:`backbone_fingerprint`), so other weights under the same name, or
-another normalisation (its mean/std are buffers of the module), get other features. Each entry is
-one NumPy ``.npz`` file (``features`` float32 N×D, ``labels`` int64 N, ``keys`` the samples' keys,
-``meta`` the JSON description), written to a unique temporary name in the same folder and then
-``os.replace``-d into place: concurrent evaluations (Ray tasks) never write the same file and readers
-only ever see complete files. Two processes that miss at once both compute and the last rename wins
-with identical content.
+The key is a SHA-256 over a JSON description of those inputs (:func:`feature_key`):
+
+* the backbone (:func:`backbone_fingerprint`): its name, output form, normalisation and a SHA-256 of
+  its whole state dict, so other weights under the same name, or another normalisation (its mean/std
+  are buffers of the module), get other features. Hashing is cheap next to loading the weights
+  (a ViT-B's 346 MB hash in about 0.26 s on one CPU core) and is done once per backbone object;
+* the versions of torch, timm, open_clip and lgm_ray (:func:`package_versions`): an upgrade that
+  changes a kernel or a model's forward cannot serve features computed before it;
+* the shards' manifest (its SHA-256), the split and the preprocessing.
+
+Each entry is one NumPy ``.npz`` file (``features`` float32 N×D, ``labels`` int64 N, ``keys`` the
+samples' keys, ``meta`` the JSON description), written to a unique temporary name in the same folder
+and then ``os.replace``-d into place: concurrent evaluations (Ray tasks) never write the same file
+and readers only ever see complete files. Two processes that miss at once both compute and the last
+rename wins with identical content. A file that cannot be read for any reason (truncated, corrupt,
+another format) or whose stored description is not the one asked for is recomputed with a warning,
+never fatal and never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +45,34 @@ from lgm_ray.backbones import create_backbone, list_backbones
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what a cached entry means changes
+CACHE_FORMAT = 2  # bump when what a cached entry means changes
 CACHE_ENV = "LGM_RAY_CACHE"
+# Packages whose code produces the features: key name → distribution name.
+VERSIONED_PACKAGES = {"torch": "torch", "timm": "timm", "open_clip": "open_clip_torch", "lgm_ray": "lgm_ray"}
+
+
+class EvaluationInputError(ValueError):
+    """An evaluation input that cannot be used (unknown backbone, missing file, absent split, …).
+
+    The message names the problem and the fix. ``python -m lgm_ray.evaluate`` turns exactly these (and
+    the shards' and backbones' own input errors) into a one-line message and exit status 2; any other
+    exception is a bug and keeps its traceback.
+    """
+
+
+class MissingInputError(EvaluationInputError, FileNotFoundError):
+    """An input file or folder that does not exist (also a ``FileNotFoundError``)."""
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that compute features (``"absent"`` when not installed)."""
+    out = {}
+    for key, dist in VERSIONED_PACKAGES.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = "absent"
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -45,12 +82,16 @@ def default_cache_dir() -> Path:
 
 
 def state_dict_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and raw bytes of every tensor)."""
+    """SHA-256 of a module's state dict (names, dtypes, shapes and raw bytes of every tensor).
+
+    The bytes are hashed in place (no copy on the CPU; one device-to-host copy per tensor otherwise).
+    """
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
+        t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        flat = t.cpu().contiguous().reshape(-1)
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -71,10 +112,26 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _canonical(description: dict) -> dict:
+    """``description`` as it reads back from JSON (tuples become lists, odd values strings)."""
+    return json.loads(json.dumps(description, sort_keys=True, default=str))
+
+
 def feature_key(description: dict) -> str:
     """The cache key of a JSON-able description of how features were produced."""
     blob = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def feature_description(fingerprint: dict, shards, split: str, *, resize: int, crop: int) -> dict:
+    """Everything that determines the centre-crop features of a split: the cache entry's description."""
+    return {
+        "backbone": fingerprint,
+        "versions": package_versions(),
+        "manifest_sha256": manifest_digest(shards.manifest),
+        "split": split,
+        "preprocess": {"resize": resize, "crop": crop, "mode": "resize_short_side+center_crop"},
+    }
 
 
 @dataclass
@@ -101,16 +158,32 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
-    def load(self, key: str) -> CachedFeatures | None:
-        """The entry of ``key``, or ``None`` when absent (a corrupt file counts as absent)."""
+    def load(self, key: str, description: dict | None = None) -> CachedFeatures | None:
+        """The entry of ``key``, or ``None`` when absent.
+
+        A file that cannot be read (any exception: truncated, corrupt, not an ``.npz``), whose arrays
+        disagree in length, or whose stored description differs from ``description`` (when given)
+        counts as absent, with a warning: the caller recomputes and overwrites it.
+        """
         p = self.path(key)
         if not p.is_file():
             return None
         try:
             with np.load(p, allow_pickle=False) as f:
-                feats, labels, keys = f["features"], f["labels"], [str(k) for k in f["keys"]]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable feature cache file %s (%s); recomputing", p, exc)
+                feats, labels = f["features"], f["labels"]
+                keys = [str(k) for k in f["keys"]]
+                meta = json.loads(str(f["meta"]))
+            if feats.ndim != 2 or feats.dtype != np.float32 or labels.shape != (len(feats),) or \
+                    len(keys) != len(feats):
+                raise ValueError(f"inconsistent arrays: features {feats.shape} {feats.dtype}, labels "
+                                 f"{labels.shape}, {len(keys)} keys")
+        except Exception as exc:  # noqa: BLE001 - a cache file must never be fatal, whatever is wrong with it
+            warnings.warn(f"feature cache file {p} is unreadable ({type(exc).__name__}: {exc}); recomputing it",
+                          stacklevel=2)
+            return None
+        if description is not None and meta != _canonical(description):
+            warnings.warn(f"feature cache file {p} holds features of another description; recomputing it",
+                          stacklevel=2)
             return None
         return CachedFeatures(torch.from_numpy(feats), torch.from_numpy(labels), keys, True, p)
 
@@ -127,7 +200,7 @@ class FeatureCache:
                     features=features.detach().cpu().float().numpy(),
                     labels=labels.detach().cpu().long().numpy(),
                     keys=np.asarray(keys, dtype=str),
-                    meta=np.asarray(json.dumps(description, sort_keys=True, default=str)),
+                    meta=np.asarray(json.dumps(_canonical(description), sort_keys=True)),
                 )
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -145,7 +218,7 @@ class FeatureCache:
         ``hit`` of the result says whether the features came from disk.
         """
         key = feature_key(description)
-        cached = self.load(key)
+        cached = self.load(key, description)
         if cached is not None:
             log.info("feature cache hit %s", cached.path)
             return cached
@@ -189,19 +262,15 @@ def split_features(
         cache: where entries live.
         backbone: frozen feature extractor.
         shards: a :class:`lgm_ray.shards.ShardSet`.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
         resize, crop: the preprocessing (the reference tests on resize 256 + centre crop 224).
         normalization: recorded in the key (the backbone's mean/std are hashed with its weights too).
         device: where the backbone runs (not part of the key).
         batch_size: extraction batch (not part of the key: it does not change the features).
         fingerprint: a precomputed :func:`backbone_fingerprint` (hashing large weights costs time).
     """
-    description = {
-        "backbone": fingerprint or backbone_fingerprint(backbone, normalization),
-        "manifest_sha256": manifest_digest(shards.manifest),
-        "split": split,
-        "preprocess": {"resize": resize, "crop": crop, "mode": "resize_short_side+center_crop"},
-    }
+    description = feature_description(fingerprint or backbone_fingerprint(backbone, normalization), shards,
+                                      split, resize=resize, crop=crop)
 
     def compute():
         return extract_features(
@@ -212,18 +281,25 @@ def split_features(
 
 
 def check_backbone(name: str) -> None:
-    """Raise a ``ValueError`` listing the known backbones when ``name`` is not one of them."""
+    """Raise an :class:`EvaluationInputError` listing the known backbones when ``name`` is not one."""
     if name not in list_backbones():
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+        raise EvaluationInputError(f"unknown backbone {name!r}; use one of the known backbones: "
+                                   f"{', '.join(list_backbones())}")
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str | torch.device) -> None:
+    """Raise an :class:`EvaluationInputError` when ``device`` is CUDA on a machine without one."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise EvaluationInputError(f"device {str(device)!r}: no CUDA device is available here; use cpu")
 
 
 class FeatureSource:
     """One frozen backbone on one shards set, with its fingerprint and the cache of its split features.
+
+    Every split's features (train for the baselines, val or test for scoring) and every feature the
+    probe trains on come from :attr:`backbone`, this one object, and are cached under
+    :attr:`fingerprint`, computed from it once: the two halves of an evaluation cannot come from
+    different models.
 
     Args:
         backbone_name: a registry name (checked: an unknown one lists the known ones).
@@ -240,7 +316,7 @@ class FeatureSource:
                  normalization: str = "native", device: str | torch.device = "cpu", real_res: int = 256,
                  crop_res: int = 224, cache_dir: str | os.PathLike | None = None) -> None:
         check_backbone(backbone_name)
-        _check_device(device)
+        check_device(device)
         self.shards, self.device, self.real_res, self.crop_res = shards, device, real_res, crop_res
         self.normalization = normalization
         self.backbone = create_backbone(backbone_name, weights=weights, normalization=normalization,

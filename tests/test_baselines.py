@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lgm_ray import baselines as bl
+from lgm_ray.feature_cache import EvaluationInputError
 from lgm_ray.synset import synset_payload
 
 
@@ -65,7 +66,7 @@ def test_fetch_train_images_keeps_key_order_and_repeats(shards):
 def test_synset_class_checks(shards, tmp_path: Path):
     labels = torch.arange(10)
     bl.check_synset_classes(labels, shards, class_names=[str(i) for i in range(10)], num_classes=10)
-    with pytest.raises(ValueError, match=r"labels \[10, 12\] outside the shards' classes 0…9"):
+    with pytest.raises(EvaluationInputError, match=r"labels \[10, 12\] outside the shards' classes 0…9"):
         bl.check_synset_classes(torch.tensor([0, 10, 12]), shards)
     with pytest.raises(ValueError, match="class_names differ from the shards manifest's"):
         bl.check_synset_classes(labels, shards, class_names=[f"c{i}" for i in range(10)])
@@ -76,12 +77,23 @@ def test_synset_class_checks(shards, tmp_path: Path):
 
 
 def test_load_synset_errors(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="does not exist; pass the .pt file"):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass the .pt file") as missing:
         bl.load_synset(tmp_path / "nope.pt")
+    assert isinstance(missing.value, EvaluationInputError)  # the command line reports it as bad input
     bad = tmp_path / "bad.pt"
     torch.save({"pixels": torch.zeros(1)}, bad)
-    with pytest.raises(ValueError, match="is not a synthetic set"):
+    with pytest.raises(EvaluationInputError, match="is not a synthetic set"):
         bl.load_synset(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(EvaluationInputError, match="cannot load synthetic set"):
+        bl.load_synset(junk)
+    out_of_range = tmp_path / "range.pt"
+    torch.save({"images": torch.full((1, 3, 4, 4), 2.0), "labels": torch.tensor([0])}, out_of_range)
+    with pytest.raises(EvaluationInputError, match="must lie in \\[0, 1\\]"):
+        bl.load_synset(out_of_range)
     good = tmp_path / "good.pt"
-    torch.save(synset_payload(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), class_names=["a", "b"]), good)
-    assert bl.load_synset(good)["class_names"] == ["a", "b"]
+    images = torch.rand(2, 3, 8, 8)
+    torch.save(synset_payload(images, torch.tensor([0, 1]), class_names=["a", "b"]), good)
+    loaded = bl.load_synset(good)
+    assert torch.equal(loaded["images"], images) and loaded["labels"].tolist() == [0, 1]
