@@ -7,6 +7,8 @@ config); command-line flags override the file. The resolved config is written ne
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,19 @@ from typing import Any
 import yaml
 
 AMP_DTYPES = ("none", "bf16", "fp16")
+PRESETS = ("lgm", "reference")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+# ``preset: reference`` reproduces the public reference implementation where lgm_ray chose otherwise
+# (README, "Paper-exact settings"). A field given explicitly still wins over the preset.
+REFERENCE_PRESET: dict[str, Any] = {
+    "normalization": "imagenet",  # the reference feeds every backbone ImageNet mean/std
+    "raw_output": True,  # CLIP's raw projection, no added LayerNorm
+    "aug_zoom_out": True,  # its random-resized crop does not clamp the crop to the image…
+    "aug_padding": "zeros",  # …and pads with zeros
+    "pyramid_offset": 1,  # grows before 0-based steps 201, 401, … 1601
+    "steps": 5001,  # it runs 5,001 iterations
+}
 
 
 class ConfigError(ValueError):
@@ -24,9 +39,11 @@ class ConfigError(ValueError):
 class DistillConfig:
     """One distillation run. Defaults are the paper's (DESIGN §1) unless noted."""
 
+    preset: str = "lgm"  # "reference": every reference-implementation setting at once (REFERENCE_PRESET)
     backbone: str = "digits_simclr_cnn"
     weights: str | None = None  # local backbone weights file instead of the hub cache
     normalization: str = "native"  # or "imagenet" (what the reference feeds every backbone)
+    raw_output: bool = False  # no added LayerNorm on backbones whose output is not normalised (CLIP)
     shards: str = "digits"  # a shards folder / URL, or "digits" (in memory)
     steps: int = 5000
     lr: float = 2e-3
@@ -38,10 +55,13 @@ class DistillConfig:
     aug: str = "standard"
     aug_noise_p: float = 0.5  # probability of the additive N(0.5, 0.2²) noise
     aug_min_scale: float = 0.08  # smallest crop area fraction of the random resized crop
+    aug_zoom_out: bool = False  # let the crop exceed the image (the reference's unclamped crop)
+    aug_padding: str = "reflection"  # or "zeros" (the reference) outside the image
     syn_res: int = 256
     real_res: int = 256
     crop_res: int = 224
     pyramid_extent: int = 200
+    pyramid_offset: int = 0  # grow before 0-based steps offset + k·extent (k ≥ 1); the reference: 1
     head_std: float = 0.01
     micro_batch: int | None = None  # views per forward; None = one pass with the graph kept
     amp: str = "none"
@@ -49,8 +69,15 @@ class DistillConfig:
     out: str = "runs/distill"
     device: str = "cpu"
     ckpt_every: int = 100
+    grid_every: int = 0  # save grids/step_NNNNNN.png every N steps (0: at checkpoints only)
     log_every: int = 10
-    num_workers: int = 0  # data-loading processes for shards
+    num_workers: int = 0  # data-loading processes for shards (per Ray worker when distributed)
+    real_streams: int = 8  # virtual real-image streams: the real batch is the same for any ≤ this many workers
+    max_skipped_steps: int = 10  # steps with a non-finite gradient skipped before the run stops
+    workers: int = 0  # Ray Train workers; 0 = this process
+    placement: str = "PACK"  # Ray placement strategy of the workers (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD)
+    max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
+    storage_path: str | None = None  # the workers' checkpoints (default OUT/ray); shared or cloud on a cluster
     step_delay: float = 0.0  # seconds to sleep per step: lets tests kill a run mid-way
 
     def validate(self) -> DistillConfig:
@@ -58,7 +85,7 @@ class DistillConfig:
             return ConfigError(f"config field {field!r} = {getattr(self, field)!r}: {why}")
 
         for name in ("steps", "ipc", "augs_per_batch", "syn_res", "real_res", "crop_res", "pyramid_extent",
-                     "ckpt_every", "log_every"):
+                     "ckpt_every", "log_every", "real_streams"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         if self.lr <= 0:
@@ -75,6 +102,15 @@ class DistillConfig:
             raise bad("aug", "choose 'standard' or 'none'")
         if self.amp not in AMP_DTYPES:
             raise bad("amp", f"choose one of {AMP_DTYPES}")
+        for name in ("pyramid_offset", "grid_every", "num_workers", "max_skipped_steps", "workers", "max_failures"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be ≥ 0")
+        if self.preset not in PRESETS:
+            raise bad("preset", f"choose one of {PRESETS}")
+        if self.placement not in PLACEMENTS:
+            raise bad("placement", f"choose one of {PLACEMENTS}")
+        if self.aug_padding not in ("reflection", "zeros"):
+            raise bad("aug_padding", "choose 'reflection' or 'zeros'")
         if self.normalization not in ("native", "imagenet"):
             raise bad("normalization", "choose 'native' or 'imagenet'")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -89,12 +125,58 @@ class DistillConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DistillConfig:
+    def field_types(cls) -> dict[str, tuple[type, bool]]:
+        """Each field's scalar type and whether it may be None, read from the annotations."""
+        out = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            base = next((a for a in args if a is not type(None)), hint) if args else hint
+            out[name] = (base, optional)
+        return out
+
+    @classmethod
+    def coerce(cls, name: str, value: Any, source: str = "config") -> Any:
+        """``value`` as field ``name``'s type (YAML ``1e-3`` strings, ints for floats), or a ConfigError."""
+        typ, optional = cls.field_types()[name]
+        if value is None and optional:
+            return None
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+        elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif typ is str and isinstance(value, str):
+            return value
+        if typ in (float, int) and isinstance(value, str):
+            try:
+                return typ(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: field {name!r} = {value!r} must be {'null or ' if optional else ''}"
+                          f"a{'n' if typ is int else ''} {typ.__name__}")
+
+    @classmethod
+    def check_keys(cls, data: dict[str, Any], source: str = "config") -> None:
+        """Raise a ConfigError naming each unknown key and the nearest valid one."""
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
+            hints = []
+            for key in unknown:
+                near = difflib.get_close_matches(str(key), cls.field_names(), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
             raise ConfigError(
-                f"{source}: unknown field(s) {unknown}; valid fields are: {', '.join(cls.field_names())}"
+                f"{source}: unknown field(s) {', '.join(hints)}; valid fields are: {', '.join(cls.field_names())}"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DistillConfig:
+        cls.check_keys(data, source)
+        data = {k: cls.coerce(k, v, source) for k, v in data.items()}
+        if data.get("preset") == "reference":
+            data = {**REFERENCE_PRESET, **data}
         return cls(**data).validate()
 
 

@@ -1,17 +1,21 @@
-"""One distillation run on one process: ``python -m lgm_ray.distill``.
+"""One distillation run: ``python -m lgm_ray.distill`` (one process, or ``--workers K`` Ray workers).
 
-Reads a config (``--config FILE`` and/or flags), distils ``ipc`` images per class against a frozen
-backbone with the exact first-order step of :mod:`lgm_ray.matching`, and writes to ``--out``:
+Reads a config (``--config FILE`` and/or flags, one per :class:`~lgm_ray.config.DistillConfig`
+field), distils ``ipc`` images per class against a frozen backbone with the exact first-order step
+of :mod:`lgm_ray.matching`, and writes to ``--out``:
 
 * ``synset.pt`` — ``{"images": N×3×H×W in [0, 1], "labels": N}`` (the reference format) plus the
   class names, the parameters and the resolved config;
-* ``grid.png`` — the distilled images, one row per image-per-class;
-* ``checkpoint.pt`` — written atomically every ``ckpt_every`` steps; ``--resume`` continues from it
-  and reproduces an uninterrupted run bit for bit (every random draw of step t comes from a seed
-  derived from (seed, t), and the real-image stream is re-opened at every checkpoint);
-* ``config.yaml`` — the resolved config.
+* ``grid.png`` — the distilled images, one row per image-per-class; ``grids/step_NNNNNNN.png`` along
+  the way (at checkpoints and every ``grid_every`` steps);
+* ``checkpoints/step_NNNNNNN/`` — per-class checkpoints (:mod:`lgm_ray.checkpoints`) every
+  ``ckpt_every`` steps (``ray/`` holds the workers' checkpoints); ``--resume`` continues from the
+  newest, on any number of workers, and reproduces an uninterrupted run;
+* ``config.yaml`` — the resolved config (a resume with other non-image settings writes
+  ``config.resumed_at_N.yaml`` beside it instead of overwriting it).
 
-Progress goes to stderr; the last line on stdout is a JSON summary.
+Progress goes to stderr; the last line on stdout is a JSON summary. Usage errors print one line
+(``error: …``) and exit with code 2.
 """
 
 from __future__ import annotations
@@ -20,23 +24,35 @@ import argparse
 import json
 import os
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lgm_ray.augment import AugSpec, sample_params
-from lgm_ray.backbones import BackboneWeightsError, create_backbone
+from lgm_ray.backbones import BackboneWeightsError, get_spec
+from lgm_ray.checkpoints import Checkpoint, assemble, latest_checkpoint, save_local
 from lgm_ray.config import ConfigError, DistillConfig, load_yaml, write_yaml
-from lgm_ray.matching import SynPass, derive_seed, draw_head, meta_loss_and_grad, real_grad, view_layout
-from lgm_ray.sources import RealSource, open_source
-from lgm_ray.synset import SyntheticSet, synset_payload
+from lgm_ray.loop import SkippedStepsError, grid_path, run_loop
+from lgm_ray.shards import ShardError
+from lgm_ray.synset import synset_payload
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Fields that must match between a checkpoint and the run resuming it.
-_RESUME_KEYS = ("backbone", "shards", "ipc", "augs_per_batch", "param", "color", "grey", "aug", "aug_noise_p", "aug_min_scale", "syn_res",
-                "real_res", "crop_res", "pyramid_extent", "head_std", "seed", "lr")
+
+class RunFailedError(RuntimeError):
+    """A run that started and then failed; the message names the checkpoint it kept."""
+
+
+def save_grid(images: torch.Tensor, path: Path, ipc: int) -> None:
+    """Save images as a grid with one column per class and one row per image-per-class (atomically)."""
+    from torchvision.utils import save_image
+
+    n_classes = images.shape[0] // ipc
+    # Images are stored class-major (class 0's ipc images first); show classes along a row.
+    order = torch.arange(images.shape[0]).view(n_classes, ipc).t().flatten()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    save_image(images[order].float().cpu(), tmp, nrow=n_classes, padding=2, pad_value=1.0)
+    os.replace(tmp, path)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -46,225 +62,170 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_grid(images: torch.Tensor, path: Path, ipc: int) -> None:
-    """Save images as a grid with one column per class and one row per image-per-class."""
-    from torchvision.utils import save_image
-
-    n_classes = images.shape[0] // ipc
-    # Images are stored class-major (class 0's ipc images first); show classes along a row.
-    order = torch.arange(images.shape[0]).view(n_classes, ipc).t().flatten()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    save_image(images[order].float().cpu(), tmp, nrow=n_classes, padding=2, pad_value=1.0)
-    os.replace(tmp, path)
+def checkpoint_roots(out: str | Path) -> list[Path]:
+    """Where a run's checkpoints live: the single process's and the Ray workers'."""
+    return [Path(out) / "checkpoints", Path(out) / "ray"]
 
 
-class Distiller:
-    """Holds one run's state; :meth:`run` executes the remaining steps."""
+def write_config(cfg: DistillConfig, out: Path, resumed_at: int | None) -> None:
+    """Write ``config.yaml``; a resume with other settings writes ``config.resumed_at_N.yaml`` instead."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    data = cfg.to_dict()
+    if resumed_at is not None and path.exists():
+        old = load_yaml(path)
+        if old == data:
+            return
+        path = out / f"config.resumed_at_{resumed_at}.yaml"
+    write_yaml(data, path)
 
-    def __init__(self, cfg: DistillConfig, source: RealSource | None = None) -> None:
-        self.cfg = cfg.validate()
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' asked for, but no CUDA device is visible; use --device cpu")
-        self.source = source or open_source(cfg.shards, cfg.real_res, cfg.num_workers)
-        self.backbone = create_backbone(
-            cfg.backbone, weights=cfg.weights, img_size=cfg.crop_res, normalization=cfg.normalization,
-            device=self.device,
-        )
-        self.spec = AugSpec(mode=cfg.aug, crop_res=cfg.crop_res, noise_p=cfg.aug_noise_p,
-                            scale=(cfg.aug_min_scale, 1.0))
-        self.num_classes = self.source.num_classes
-        init_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
-        self.synset = SyntheticSet(
-            self.num_classes, cfg.ipc, cfg.syn_res, param=cfg.param, decorrelate=cfg.color,
-            channels=1 if cfg.grey else 3, generator=init_gen,
-        ).to(self.device)
-        self.optimizer = self._new_optimizer()
-        self.step = 0
-        self.losses: list[float] = []
-        self.elapsed = 0.0
-        self.out = Path(cfg.out)
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.synset.parameters(), lr=self.cfg.lr)
+def check_inputs(cfg: DistillConfig) -> None:
+    """Fail before any step on what can be checked here: backbone name, device, shards."""
+    try:
+        get_spec(cfg.backbone)
+    except KeyError as e:
+        raise ConfigError(f"{e.args[0]} (field 'backbone')") from None
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but no CUDA device is visible; use --device cpu")
+    if cfg.shards != "digits":
+        from lgm_ray.shards import ShardSet
 
-    # ---------------------------------------------------------------- checkpoints
+        ShardSet(cfg.shards)  # raises ShardError naming the problem and the fix
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
 
-    def save_checkpoint(self) -> None:
-        atomic_save(
-            {
-                "step": self.step,
-                "config": self.cfg.to_dict(),
-                "synset_config": self.synset.config(),
-                "synset_state": self.synset.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "losses": self.losses,
-                "elapsed": self.elapsed,
-            },
-            self.checkpoint_path,
-        )
+def finish(cfg: DistillConfig, ckpt: Checkpoint, figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``synset.pt`` and ``grid.png`` from the final checkpoint; return the JSON summary.
 
-    def load_checkpoint(self) -> None:
-        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        old = ckpt["config"]
-        changed = [k for k in _RESUME_KEYS if old.get(k) != getattr(self.cfg, k)]
-        if changed:
-            raise ConfigError(
-                f"{self.checkpoint_path} was written with different {changed} "
-                f"({ {k: old.get(k) for k in changed} }); resume with the same settings or use another --out"
-            )
-        self.synset.grow_to(ckpt["synset_config"]["n_levels"])
-        self.synset.load_state_dict(ckpt["synset_state"])
-        self.optimizer = self._new_optimizer()
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step = ckpt["step"]
-        self.losses = list(ckpt["losses"])
-        self.elapsed = ckpt["elapsed"]
+    ``figures``: each process's :meth:`LoopResult.figures`, rank 0 first.
+    """
+    out = Path(cfg.out)
+    synset = assemble(ckpt)
+    images = synset.render().detach()
+    payload = synset_payload(
+        images, synset.labels, class_names=list(ckpt.meta["class_names"]), num_classes=synset.num_classes,
+        config=cfg.to_dict(), synset_config=synset.config(),
+        synset_state={k: v.cpu() for k, v in synset.state_dict().items()}, backbone=cfg.backbone,
+        steps=ckpt.step,
+    )
+    atomic_save(payload, out / "synset.pt")
+    save_grid(images, out / "grid.png", cfg.ipc)
+    losses = [float(v) for v in ckpt.meta["losses"]]
+    summary = {
+        "steps": ckpt.step,
+        "final_loss": losses[-1] if losses else None,
+        "skipped_steps": int(ckpt.meta["skipped"]),
+        "seconds": figures[0]["seconds"],
+        "images_per_s": figures[0]["images_per_s"],
+        "workers": cfg.workers,
+        "out": str(out),
+        "losses": losses,
+    }
+    if cfg.workers:
+        summary["per_worker"] = figures
+    return summary
 
-    # ---------------------------------------------------------------- the step
 
-    def _maybe_grow(self) -> None:
-        if self.step > 0 and self.step % self.cfg.pyramid_extent == 0 and self.synset.can_grow:
-            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "grow", len(self.synset.levels)))
-            self.synset.grow(g)
-            self.optimizer = self._new_optimizer()  # the paper re-creates Adam at every growth
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    resume: bool = False,
+    use_gpu: bool = False,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    log=None,
+) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) one distillation; returns the summary (with per-step losses).
 
-    def train_step(self, x_real: torch.Tensor, y_real: torch.Tensor) -> float:
-        cfg, dev = self.cfg, self.device
-        amp = AMP[cfg.amp]
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", self.step))
-        w, b = draw_head(self.num_classes, self.backbone.feature_dim, gen, cfg.head_std)
-        w, b = w.to(dev), b.to(dev)
-        n = self.synset.num_images
-        total_syn = n * cfg.augs_per_batch
-        syn_params = sample_params(total_syn, self.spec, gen)
-        real_params = sample_params(len(y_real), self.spec, gen)
-        g_real = real_grad(self.backbone, x_real.to(dev), y_real.to(dev), w, b, len(y_real), self.spec,
-                           real_params, micro_batch=cfg.micro_batch, amp_dtype=amp)
-        images = self.synset.render()
-        syn = SynPass(self.backbone, images, self.synset.labels, view_layout(n, cfg.augs_per_batch),
-                      syn_params, self.spec, micro_batch=cfg.micro_batch, amp_dtype=amp)
-        g_syn = syn.forward(w, b, total_syn)
-        loss, g = meta_loss_and_grad(g_real, g_syn)
-        self.optimizer.zero_grad(set_to_none=True)
-        syn.backward(w, b, total_syn, g)
-        self.optimizer.step()
-        return float(loss)
+    ``cfg.workers`` = 0 runs here; K ≥ 1 runs on K Ray Train workers (:mod:`lgm_ray.workers`), with a
+    GPU each when ``use_gpu``. Both run :func:`lgm_ray.loop.run_loop`. ``on_progress`` (picklable) is
+    called on rank 0 every ``cfg.log_every`` steps.
 
-    # ---------------------------------------------------------------- the loop
+    Raises:
+        ConfigError: bad settings or inputs, an existing run without ``resume``, or a checkpoint written
+            with other settings.
+        RunFailedError: the run failed after it started; the message names the checkpoint kept.
+    """
+    cfg.validate()
+    check_inputs(cfg)
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(*checkpoint_roots(out))
+    if ckpt is not None and not resume:
+        raise ConfigError(f"{out} already holds a run (checkpoint at step {ckpt.step}, {ckpt.path}): pass --resume "
+                          "to continue it, or choose another --out (nothing was overwritten)")
+    if ckpt is not None:
+        from lgm_ray.checkpoints import check_resumable
 
-    def run(self, log=None) -> dict[str, Any]:
-        cfg = self.cfg
-        log = log or sys.stderr
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_yaml(cfg.to_dict(), self.out / "config.yaml")
-        batch = cfg.ipc * cfg.augs_per_batch * self.num_classes
-        views_per_step = batch + self.synset.num_images * cfg.augs_per_batch
-        stream = None
-        first = self.step
-        t0 = time.perf_counter()
-        while self.step < cfg.steps:
-            self._maybe_grow()
-            if stream is None or self.step % cfg.ckpt_every == 0:
-                stream = self.source.stream(batch, seed=derive_seed(cfg.seed, "real", self.step))
-            x, y = next(stream)
-            self.losses.append(self.train_step(x, y))
-            self.step += 1
-            if cfg.step_delay:
-                time.sleep(cfg.step_delay)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log_progress(log, first, t0)
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self.elapsed += time.perf_counter() - t0
-                t0, first = time.perf_counter(), self.step
-                self.save_checkpoint()
-                save_grid(self.synset.render().detach(), self.out / "grid.png", cfg.ipc)
-        return self.finish(views_per_step)
+        check_resumable(ckpt, cfg.to_dict())
+        print(f"resumed from step {ckpt.step} ({ckpt.path})", file=log or sys.stderr, flush=True)
+    elif resume:
+        print(f"no checkpoint in {out}; starting from step 0", file=log or sys.stderr, flush=True)
+    write_config(cfg, out, ckpt.step if ckpt else None)
+    if cfg.workers:
+        from lgm_ray.workers import run_on_workers
 
-    def _log_progress(self, log, first: int, t0: float) -> None:
-        done = self.step - first
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        recent = self.losses[-self.cfg.log_every:]
-        eta = (self.cfg.steps - self.step) / max(rate, 1e-9)
-        side = self.synset.levels[-1].shape[-1]
-        print(f"step {self.step}/{self.cfg.steps}  loss {sum(recent) / len(recent):.4f}  "
-              f"{rate:.2f} it/s  eta {eta:.0f}s  pyramid {len(self.synset.levels)} levels ({side}px)",
-              file=log, flush=True)
+        final, figures = run_on_workers(cfg, resume=ckpt, use_gpu=use_gpu, on_progress=on_progress)
+        return finish(cfg, final, figures)
 
-    def finish(self, views_per_step: int) -> dict[str, Any]:
-        images = self.synset.render().detach()
-        payload = synset_payload(
-            images, self.synset.labels,
-            class_names=list(self.source.class_names), num_classes=self.num_classes,
-            config=self.cfg.to_dict(), synset_config=self.synset.config(),
-            synset_state={k: v.cpu() for k, v in self.synset.state_dict().items()},
-            backbone=self.cfg.backbone, steps=self.step,
-        )
-        atomic_save(payload, self.out / "synset.pt")
-        save_grid(images, self.out / "grid.png", self.cfg.ipc)
-        seconds = self.elapsed
-        return {
-            "steps": self.step,
-            "final_loss": self.losses[-1] if self.losses else None,
-            "seconds": round(seconds, 3),
-            "images_per_s": round(views_per_step * len(self.losses) / seconds, 2) if seconds else None,
-            "out": str(self.out),
-        }
+    def save(synset, optimizer, meta):
+        save_local(out, [(0, synset, optimizer)], meta)
+
+    try:
+        result = run_loop(cfg, save_checkpoint=save, resume=ckpt, on_progress=on_progress, log=log,
+                          save_grid=lambda images, step: save_grid(images, grid_path(out, step), cfg.ipc))
+    except SkippedStepsError as e:
+        kept = latest_checkpoint(*checkpoint_roots(out))
+        where = f"{kept.path} (step {kept.step})" if kept else "none (no checkpoint was reached)"
+        raise RunFailedError(f"{e}. Checkpoint kept: {where}") from e
+    final = latest_checkpoint(*checkpoint_roots(out))
+    assert final is not None and final.step == cfg.steps, "the loop saves a checkpoint at its last step"
+    return finish(cfg, final, [result.figures()])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags: ``--config``, ``--resume``, ``--gpu`` and one per DistillConfig field (derived, not listed)."""
     p = argparse.ArgumentParser(prog="python -m lgm_ray.distill", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML file of DistillConfig fields; flags override it")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    flag = {
-        "backbone": str, "weights": str, "normalization": str, "shards": str, "steps": int, "lr": float,
-        "ipc": int, "augs_per_batch": int, "param": str, "aug": str, "aug_noise_p": float, "aug_min_scale": float, "syn_res": int, "real_res": int,
-        "crop_res": int, "pyramid_extent": int, "head_std": float, "micro_batch": int, "amp": str,
-        "seed": int, "out": str, "device": str, "ckpt_every": int, "log_every": int, "num_workers": int,
-        "step_delay": float,
-    }
-    for name, typ in flag.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
-    p.add_argument("--no-color", dest="color", action="store_false", default=None,
-                   help="turn off the colour decorrelation (ablation)")
-    p.add_argument("--grey", dest="grey", action="store_true", default=None,
-                   help="distil grey images (for grey datasets such as digits)")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint under OUT")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (with --workers)")
+    p.add_argument("--address", help="Ray cluster address for --workers (default: RAY_ADDRESS, else a local Ray)")
+    defaults = DistillConfig()
+    for name, (typ, _optional) in DistillConfig.field_types().items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"default: {getattr(defaults, name)}")
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=typ.__name__.upper(),
+                           help=f"default: {getattr(defaults, name)}")
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """The config file, overridden by the flags given, resolved and validated."""
     data = load_yaml(args.config) if args.config else {}
-    DistillConfig.from_dict(data, source=args.config or "config")  # unknown keys fail early
+    DistillConfig.check_keys(data, source=args.config or "config")
     for name in DistillConfig.field_names():
         value = getattr(args, name, None)
         if value is not None:
-            data[name] = value
-    return DistillConfig.from_dict(data)
+            data[name] = None if value in ("none", "null") and DistillConfig.field_types()[name][1] else value
+    return DistillConfig.from_dict(data, source=args.config or "flags")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
     try:
         cfg = config_from_args(args)
-        distiller = Distiller(cfg)
-        if distiller.checkpoint_path.exists():
-            if not args.resume:
-                raise ConfigError(
-                    f"{distiller.checkpoint_path} exists: pass --resume to continue that run, or choose "
-                    "another --out (nothing was overwritten)"
-                )
-            distiller.load_checkpoint()
-            print(f"resumed from step {distiller.step}", file=sys.stderr)
-        elif args.resume:
-            print(f"no checkpoint in {cfg.out}; starting from step 0", file=sys.stderr)
-    except (ConfigError, BackboneWeightsError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-    summary = distiller.run()
-    print(json.dumps(summary), flush=True)
+        summary = run_distill(cfg, resume=args.resume, use_gpu=args.gpu)
+    except (ConfigError, BackboneWeightsError, ShardError) as exc:  # usage: the message says the fix
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except RunFailedError as exc:  # the run started and failed; the message names what it kept
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    printed = {k: v for k, v in summary.items() if k != "losses"}
+    print(json.dumps(printed), flush=True)
     return summary
 
 

@@ -18,22 +18,17 @@ in as arguments.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lgm_ray.augment import AugParams, AugSpec, apply
+from lgm_ray.augment import AugParams, AugSpec, apply, sample_params
+from lgm_ray.seeds import derive_seed  # noqa: F401  (re-exported: the step's seeds)
 
 Backbone = Callable[[torch.Tensor], torch.Tensor]
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, step, tag, …), identical on every process and machine."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def draw_head(
@@ -82,6 +77,14 @@ def feature_grad(
     return dz
 
 
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a config's ``amp`` name (``none`` → None: full precision)."""
+    return AMP_DTYPES[name]
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return nullcontext()
@@ -109,6 +112,8 @@ def real_grad(
     """Partial ``G_real`` of a slice of the real batch (each image augmented once), no graph kept."""
     w, b = w.to(x.device), b.to(x.device)
     g = torch.zeros(w.shape[0], w.shape[1] + 1, device=x.device)
+    if x.shape[0] == 0:  # a worker whose streams give no sample this step
+        return g
     with torch.no_grad():
         for sl in _chunks(x.shape[0], micro_batch):
             with _autocast(x.device, amp_dtype):
@@ -141,25 +146,34 @@ def shard_views(owned: torch.Tensor, num_images: int, augs: int) -> tuple[torch.
     return rows, pos[layout[rows]]
 
 
-def _scaled_input_grad(z: torch.Tensor, src: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+def _scaled_input_grad(
+    z: torch.Tensor, src: torch.Tensor, dz: torch.Tensor, amp_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``∂(z·dz)/∂src`` with ``dz`` scaled to unit max before the backward and unscaled after.
 
     ``dz`` carries a ``1/M`` factor and is tiny; in fp16 the backward through the backbone would
-    underflow. Scaling by a power of two is exact; on overflow the scale backs off and retries.
+    underflow. Scaling by a power of two is exact. Under fp16 autocast an overflow can happen in any
+    half-precision layer inside the backbone even when ``z`` itself is fp32 (every backbone ends in a
+    LayerNorm, which autocast runs in fp32), so the check is on the input gradient and the retry
+    follows the autocast dtype: the scale backs off by 2⁸ up to three times. A gradient that stays
+    non-finite is returned as it is; the step sees it and is skipped (never applied).
     """
     peak = dz.abs().max()
-    if not torch.isfinite(peak) or peak == 0:
+    if not torch.isfinite(peak):
+        return torch.full_like(src, float("nan"))
+    if peak == 0:
         return torch.zeros_like(src)
     scale = 2.0 ** float(torch.floor(-torch.log2(peak)))
     # Only fp16 can overflow and need a second try; keeping the graph otherwise would hold a
     # micro-batch's activations alive into the next one and double the peak memory.
-    retry = z.dtype == torch.float16
-    for _ in range(4 if retry else 1):
-        (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=retry)
-        if not retry or torch.isfinite(grad).all():
+    retry = amp_dtype == torch.float16
+    for attempt in range(4 if retry else 1):
+        last = attempt == (3 if retry else 0)
+        (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=retry and not last)
+        if torch.isfinite(grad).all() or last:
             return grad.float() / scale
         scale /= 2.0**8
-    raise FloatingPointError("non-finite image gradients even after reducing the loss scale")
+    raise AssertionError("unreachable")
 
 
 class SynPass:
@@ -223,8 +237,10 @@ class SynPass:
             self.z = torch.cat(zs).float()
         return head_grad(self.z, self.view_labels, w, b, total)
 
-    def backward(self, w: torch.Tensor, b: torch.Tensor, total: int, g: torch.Tensor) -> torch.Tensor:
-        """Back-propagate ``g = ∂loss/∂G_syn`` into the images' parameters; returns ``∂loss/∂images``."""
+    def backward(
+        self, w: torch.Tensor, b: torch.Tensor, total: int, g: torch.Tensor, *, apply: bool = True
+    ) -> torch.Tensor:
+        """``∂loss/∂images`` from ``g = ∂loss/∂G_syn``; with ``apply``, also back-propagated into the parameters."""
         if self.z is None:
             raise RuntimeError("SynPass.backward called before forward")
         dev = self.leaf.device
@@ -232,15 +248,107 @@ class SynPass:
         dz = feature_grad(self.z, self.view_labels, w, b, total, g)
         grad = torch.zeros_like(self.leaf)
         if self._z_graph is not None:
-            grad.index_add_(0, self.view_images, _scaled_input_grad(self._z_graph, self._src, dz))
+            grad.index_add_(0, self.view_images, _scaled_input_grad(self._z_graph, self._src, dz, self.amp_dtype))
             self._z_graph = self._src = None
         else:
             for sl in _chunks(len(self.view_images), self.micro_batch):
                 src = self.leaf[self.view_images[sl]].detach().requires_grad_(True)
                 with torch.enable_grad():
                     z = self._features(sl, src)
-                grad.index_add_(0, self.view_images[sl], _scaled_input_grad(z, src, dz[sl]))
+                grad.index_add_(0, self.view_images[sl], _scaled_input_grad(z, src, dz[sl], self.amp_dtype))
                 del z, src  # free this micro-batch's graph before the next forward
-        if self.images.requires_grad:
+        if apply and self.images.requires_grad:
             self.images.backward(grad)
         return grad
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass
+class StepResult:
+    """What one step gives back: the meta loss (the same on every worker), whether the step was applied
+    (every worker agrees), and ``∂loss/∂images`` of the local images."""
+
+    loss: float
+    finite: bool
+    image_grad: torch.Tensor
+
+
+def lgm_step(
+    backbone: Backbone,
+    images: torch.Tensor,
+    owned: torch.Tensor,
+    x_real: torch.Tensor,
+    y_real: torch.Tensor,
+    real_positions: torch.Tensor,
+    *,
+    num_classes: int,
+    feature_dim: int,
+    num_images: int,
+    real_total: int,
+    ipc: int,
+    augs: int,
+    seed: int,
+    step: int,
+    spec: AugSpec,
+    head_std: float = 0.01,
+    micro_batch: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    reduce: Reduce = _identity,
+) -> StepResult:
+    """One Linear Gradient Matching step on this process's share of the work (DESIGN §2).
+
+    Every process draws the same head ``(W, b)`` and the same augmentation parameters for all
+    ``num_images · augs`` synthetic views and all ``real_total`` real samples, from a generator
+    seeded by (seed, step); it then computes the partial head gradients of its own real samples and
+    of the views of the images it owns, sums them over processes with **one** ``reduce`` of the
+    concatenated ``[G_real; G_syn]``, computes the same meta loss everywhere, and back-propagates
+    ``∂loss/∂z`` of its own views through its backbone into ``images``. One more ``reduce`` of a
+    single flag makes every process agree whether the step is finite; a non-finite step is not
+    back-propagated into the parameters (the caller then skips its optimiser step).
+
+    Args:
+        backbone: the frozen feature extractor.
+        images: the rendered images this process owns (N_local×3×R×R), with their graph to the
+            parameters; their rows are the images ``owned`` (global indices, class-major:
+            image ``c·ipc + k`` is class c's k-th image).
+        owned: global indices of the local images.
+        x_real, y_real: this process's real samples of the step's batch, and ``real_positions``
+            their positions (0 … real_total−1) in the global batch (they pick the augmentation).
+        num_classes, feature_dim: the head's shape.
+        num_images, real_total: global counts of synthetic images and real samples.
+        ipc, augs: images per class; augmented copies of every synthetic image per step.
+        seed, step: the run seed and the step index (0-based): all of the step's randomness.
+        spec: the augmentation; ``head_std`` the head's initialisation; ``micro_batch`` and
+            ``amp_dtype`` how the backbone runs.
+        reduce: sums a tensor over processes (identity on one process; an all-reduce on workers).
+    """
+    gen = torch.Generator().manual_seed(derive_seed(seed, "step", step))
+    w, b = draw_head(num_classes, feature_dim, gen, head_std)
+    dev = images.device
+    w, b = w.to(dev), b.to(dev)
+    total_syn = num_images * augs
+    syn_params = sample_params(total_syn, spec, gen)
+    real_params = sample_params(real_total, spec, gen)
+    g_real = real_grad(backbone, x_real.to(dev), y_real.to(dev), w, b, real_total, spec,
+                       real_params.select(real_positions.long().cpu()), micro_batch=micro_batch,
+                       amp_dtype=amp_dtype)
+    rows, local = shard_views(owned, num_images, augs)
+    labels = owned.to(dev).long() // ipc
+    syn = SynPass(backbone, images, labels, local, syn_params.select(rows), spec,
+                  micro_batch=micro_batch, amp_dtype=amp_dtype)
+    g_syn = syn.forward(w, b, total_syn)
+    summed = reduce(torch.cat([g_real, g_syn]))
+    loss, g = meta_loss_and_grad(summed[:num_classes], summed[num_classes:])
+    grad = syn.backward(w, b, total_syn, g, apply=False)
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()) else 1.0],
+                       device=dev)
+    finite = float(reduce(bad)[0]) == 0.0
+    if finite and images.requires_grad:
+        images.backward(grad)
+    return StepResult(float(loss), finite, grad)

@@ -1,4 +1,4 @@
-"""``python -m lgm_ray.distill``: outputs, config handling, ablations and bit-identical resume."""
+"""``python -m lgm_ray.distill``: outputs, config handling, ablations, exact resume, non-finite steps, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from lgm_ray import backbones
+from lgm_ray.checkpoints import latest_checkpoint
+from lgm_ray.config import REFERENCE_PRESET, DistillConfig
 from lgm_ray.distill import main
 
 FAST = ["--shards", "digits", "--syn-res", "16", "--real-res", "16", "--crop-res", "16",
@@ -20,107 +25,262 @@ FAST = ["--shards", "digits", "--syn-res", "16", "--real-res", "16", "--crop-res
 
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lgm_ray.distill", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
-def test_run_writes_synset_grid_config_and_a_json_summary(tmp_path, capsys):
+def _images(out: Path) -> torch.Tensor:
+    return torch.load(out / "synset.pt", weights_only=False)["images"]
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "synset.pt", weights_only=False)["synset_state"]
+
+
+def test_run_writes_synset_grids_config_checkpoints_and_a_json_summary(tmp_path, capsys):
     out = tmp_path / "run"
     summary = main([*FAST, "--steps", "6", "--ckpt-every", "3", "--out", str(out), "--ipc", "2"])
     printed = capsys.readouterr()
-    last = printed.out.strip().splitlines()[-1]
-    assert json.loads(last) == summary
-    assert summary["steps"] == 6 and summary["images_per_s"] > 0 and 0 <= summary["final_loss"] <= 2
-    assert "step 5/6" in printed.err and "it/s" in printed.err  # progress
+    last = json.loads(printed.out.strip().splitlines()[-1])
+    assert last == {k: v for k, v in summary.items() if k != "losses"}
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and summary["images_per_s"] > 0
+    assert len(summary["losses"]) == 6 and summary["final_loss"] == summary["losses"][-1]
+    assert "step 5/6" in printed.err and "it/s" in printed.err and "img/s" in printed.err
     payload = torch.load(out / "synset.pt", weights_only=False)
     assert payload["images"].shape == (20, 3, 16, 16) and payload["images"].dtype == torch.float32
-    assert 0 <= float(payload["images"].min()) and float(payload["images"].max()) <= 1
     assert payload["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     assert payload["class_names"] == [str(i) for i in range(10)]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert (out / "grid.png").stat().st_size > 0
-    assert "augs_per_batch: 2" in (out / "config.yaml").read_text()
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 6 and ckpt["synset_config"]["n_levels"] == 2  # grew at step 4
+    assert DistillConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())).ipc == 2
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt.step == 6 and ckpt.meta["n_levels"] == 2  # grew before step 4 (0-based)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
 
 
 def test_loss_goes_down_on_digits(tmp_path):
-    summary = main([*FAST, "--steps", "40", "--out", str(tmp_path / "r"), "--lr", "0.01",
-                    "--augs-per-batch", "4"])
-    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    losses = ckpt["losses"]
-    assert summary["steps"] == 40
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    summary = main([*FAST, "--steps", "40", "--out", str(tmp_path / "r"), "--lr", "0.01", "--augs-per-batch", "4"])
+    losses = summary["losses"]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.02
 
 
 def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("steps: 2\nipc: 3\nsyn_res: 8\nreal_res: 8\ncrop_res: 8\naugs_per_batch: 1\n")
+    cfg.write_text("steps: 2\nipc: 3\nsyn_res: 8\nreal_res: 8\ncrop_res: 8\naugs_per_batch: 1\nlr: 1e-2\n")
     out = tmp_path / "o"
     main(["--config", str(cfg), "--ipc", "1", "--out", str(out)])
-    resolved = (out / "config.yaml").read_text()
-    assert "ipc: 1" in resolved and "steps: 2" in resolved and "syn_res: 8" in resolved
+    resolved = DistillConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert (resolved.ipc, resolved.steps, resolved.syn_res, resolved.lr) == (1, 2, 8, 0.01)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--param", "wavelet"], "'param'.*'pyramid' or 'pixel'"),
+    (["--steps", "ten"], "'steps' = 'ten' must be an int"),
+    (["--backbone", "dinov9"], "unknown backbone 'dinov9'.*known backbones"),
+    (["--shards", "/nonexistent/shards"], "manifest"),
+    (["--config", "/nonexistent.yaml"], "does not exist"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main([*FAST, "--out", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_unknown_config_key_suggests_the_nearest(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
     cfg.write_text("stepz: 2\n")
-    with pytest.raises(SystemExit, match="unknown field.*stepz.*valid fields"):
-        main(["--config", str(cfg), "--out", str(tmp_path / "o2")])
-    with pytest.raises(SystemExit, match="'param'.*'pyramid' or 'pixel'"):
-        main(["--param", "wavelet", "--out", str(tmp_path / "o3")])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert "'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
 
 
-def test_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):
+def test_corrupt_shards_is_a_clear_error_from_the_command_line(tmp_path, digits_shards):
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    shard = sorted(root.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
+    proc = _run_cli([*FAST, "--shards", str(root), "--steps", "2", "--out", str(tmp_path / "o")])
+    assert proc.wait(timeout=300) == 2
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.startswith("error: ") and shard.name in err
+
+
+def test_existing_run_is_never_overwritten_and_changed_settings_are_refused(tmp_path, capsys):
     out = tmp_path / "o"
     main([*FAST, "--steps", "2", "--out", str(out)])
-    before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit, match="--resume"):
-        main([*FAST, "--steps", "4", "--out", str(out)])
-    assert (out / "checkpoint.pt").read_bytes() == before
-    with pytest.raises(SystemExit, match="different.*ipc"):
-        main([*FAST, "--steps", "4", "--out", str(out), "--ipc", "2", "--resume"])
+    before = _images(out)
+    for extra, key in [([], "--resume"), (["--ipc", "2", "--resume"], "ipc"),
+                       (["--normalization", "imagenet", "--resume"], "normalization"),
+                       (["--weights", str(tmp_path / "w.pt"), "--resume"], "weights")]:
+        if key == "weights":
+            (tmp_path / "w.pt").write_bytes(b"")
+        with pytest.raises(SystemExit):
+            main([*FAST, "--steps", "4", "--out", str(out), *extra])
+        assert key in capsys.readouterr().err
+    assert torch.equal(_images(out), before)
+    assert latest_checkpoint(out / "checkpoints").step == 2
 
 
 @pytest.mark.parametrize("ablation", [["--param", "pixel"], ["--aug", "none"], ["--no-color"],
-                                      ["--micro-batch", "7"], ["--amp", "bf16"]])
-def test_every_ablation_runs(tmp_path, ablation):
+                                      ["--preset", "reference", "--steps", "3"]])
+def test_every_ablation_runs_and_changes_the_images(tmp_path, ablation):
+    base = tmp_path / "base"
+    main([*FAST, "--steps", "3", "--out", str(base)])
     summary = main([*FAST, "--steps", "3", "--out", str(tmp_path / "a"), *ablation])
-    assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"]  # not NaN
-    payload = torch.load(tmp_path / "a" / "synset.pt", weights_only=False)
-    assert torch.isfinite(payload["images"]).all()
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    images = _images(tmp_path / "a")
+    assert torch.isfinite(images).all()
+    assert float((images - _images(base)).abs().max()) > 1e-5  # an ignored flag gives exactly 0
 
 
-def test_killed_run_resumes_bit_identically(tmp_path):
-    args = [*FAST, "--steps", "20", "--ckpt-every", "10", "--ipc", "2", "--seed", "7"]
-    straight = _run_cli([*args, "--out", str(tmp_path / "straight")])
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+@pytest.mark.parametrize("variant", [["--micro-batch", "7"], ["--amp", "bf16"]])
+def test_micro_batching_and_bf16_run_close_to_the_plain_step(tmp_path, variant):
+    main([*FAST, "--steps", "3", "--out", str(tmp_path / "base")])
+    main([*FAST, "--steps", "3", "--out", str(tmp_path / "v"), *variant])
+    diff = float((_images(tmp_path / "v") - _images(tmp_path / "base")).abs().max())
+    assert diff < (1e-4 if variant[0] == "--micro-batch" else 0.05)
 
+
+def test_reference_preset_turns_on_every_reference_setting_and_explicit_fields_win():
+    cfg = DistillConfig.from_dict({"preset": "reference"})
+    assert all(getattr(cfg, k) == v for k, v in REFERENCE_PRESET.items())
+    assert DistillConfig.from_dict({"preset": "reference", "steps": 7}).steps == 7
+    assert DistillConfig().aug_padding == "reflection" and DistillConfig().steps == 5000
+
+
+def test_reference_preset_grows_the_pyramid_one_step_later(tmp_path):
+    def levels(out, step):
+        return json.loads((out / "checkpoints" / f"step_{step:07d}" / "meta.json").read_text())["n_levels"]
+
+    main([*FAST, "--steps", "6", "--ckpt-every", "5", "--out", str(tmp_path / "l")])
+    main([*FAST, "--steps", "6", "--ckpt-every", "5", "--out", str(tmp_path / "r"), "--pyramid-offset", "1"])
+    # extent 4: lgm grows before 0-based step 4, the reference's offset 1 before step 5.
+    assert (levels(tmp_path / "l", 5), levels(tmp_path / "r", 5), levels(tmp_path / "r", 6)) == (2, 1, 2)
+
+
+ARGS = [*FAST, "--ipc", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def straight20(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    main([*ARGS, "--steps", "20", "--ckpt-every", "10", "--out", str(out)])
+    return out
+
+
+def test_killed_run_resumes_bit_identically_from_a_step_ckpt_every_does_not_divide(tmp_path, straight20):
     out = tmp_path / "killed"
-    victim = _run_cli([*args, "--out", str(out), "--step-delay", "0.3"])
-    ckpt = out / "checkpoint.pt"
+    victim = _run_cli([*ARGS, "--steps", "20", "--ckpt-every", "7", "--out", str(out), "--step-delay", "0.3"])
     deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline:
+    while latest_checkpoint(out / "checkpoints") is None and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(0.7)  # a few steps past the checkpoint at 7
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL  # it really died mid-run
-    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    assert latest_checkpoint(out / "checkpoints").step == 7
     assert not (out / "synset.pt").exists()
-
-    resumed = _run_cli([*args, "--out", str(out), "--resume"])
+    resumed = _run_cli([*ARGS, "--steps", "20", "--ckpt-every", "7", "--out", str(out), "--resume"])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    assert "resumed from step 10" in resumed.stderr.read()
-    a = torch.load(tmp_path / "straight" / "synset.pt", weights_only=False)
-    b = torch.load(out / "synset.pt", weights_only=False)
-    assert torch.equal(a["images"], b["images"])
-    for k in a["synset_state"]:
-        assert torch.equal(a["synset_state"][k], b["synset_state"][k])
+    assert "resumed from step 7" in resumed.stderr.read()
+    assert torch.equal(_images(straight20), _images(out))
+    for k, v in _state(straight20).items():
+        assert torch.equal(v, _state(out)[k])
 
 
-def test_missing_cuda_is_a_clear_error(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is visible")
-    with pytest.raises(SystemExit, match="no CUDA device"):
-        main(["--device", "cuda", "--out", str(Path(tmp_path) / "c")])
+def test_extending_a_finished_run_equals_a_straight_run(tmp_path, straight20):
+    out = tmp_path / "ext"
+    main([*ARGS, "--steps", "10", "--ckpt-every", "10", "--out", str(out)])
+    first_config = (out / "config.yaml").read_text()
+    main([*ARGS, "--steps", "20", "--ckpt-every", "10", "--out", str(out), "--resume"])
+    assert torch.equal(_images(straight20), _images(out))
+    # The first half's config stays; the resumed settings are written beside it.
+    assert (out / "config.yaml").read_text() == first_config
+    assert "steps: 20" in (out / "config.resumed_at_10.yaml").read_text()
+
+
+def test_checkpoint_interval_does_not_change_the_images(tmp_path, straight20):
+    main([*ARGS, "--steps", "20", "--ckpt-every", "3", "--out", str(tmp_path / "c3")])
+    assert torch.equal(_images(straight20), _images(tmp_path / "c3"))
+
+
+class _Amplify(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class _OverflowCNN(nn.Module):
+    """A backbone whose fp16 backward overflows by ``factor``; its LayerNorm runs in fp32 (as on CUDA)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.factor = factor
+
+    def forward(self, x):
+        h = _Amplify.apply(self.fc(F.gelu(self.conv(x)).mean((2, 3))), self.factor)
+        with torch.autocast("cpu", enabled=False):
+            return self.norm(h.float())
+
+
+@pytest.fixture
+def overflow_backbones():
+    names = {"test_overflow_once": 1e6, "test_overflow_always": 1e15}
+    for name, factor in names.items():
+        backbones.register_backbone(backbones.BackboneSpec(
+            name=name, feature_dim=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=16,
+            source="lgm_ray", weights_id="none (test)", ends_in_norm=True,
+            build=lambda pretrained, weights, img_size, f=factor: _OverflowCNN(f)))
+    yield names
+    for name in names:
+        backbones._REGISTRY.pop(name)
+
+
+def test_fp16_overflow_backs_off_and_the_images_stay_finite(tmp_path, overflow_backbones):
+    summary = main([*FAST, "--backbone", "test_overflow_once", "--amp", "fp16", "--steps", "4",
+                    "--out", str(tmp_path / "o")])
+    assert summary["skipped_steps"] == 0
+    images = _images(tmp_path / "o")
+    assert torch.isfinite(images).all() and float(images.std()) > 0
+
+
+def test_steps_that_stay_non_finite_are_skipped_counted_and_stop_the_run(tmp_path, overflow_backbones, capsys):
+    out = tmp_path / "o"
+    summary = main([*FAST, "--backbone", "test_overflow_always", "--amp", "fp16", "--steps", "3",
+                    "--max-skipped-steps", "5", "--out", str(out)])
+    assert summary["skipped_steps"] == 3
+    state = _state(out)
+    ref = torch.load(latest_checkpoint(out / "checkpoints").path / "classes-rank0.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert ref["adam_step"] == 0  # no optimiser step was ever applied
+    assert "non-finite gradient" in capsys.readouterr().err
+
+    out2 = tmp_path / "o2"
+    with pytest.raises(SystemExit) as exc:
+        main([*FAST, "--backbone", "test_overflow_always", "--amp", "fp16", "--steps", "20",
+              "--ckpt-every", "2", "--max-skipped-steps", "3", "--out", str(out2)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "4 steps had non-finite gradients" in err and "step_0000002" in err
+    assert latest_checkpoint(out2 / "checkpoints").step == 2  # the last good checkpoint is kept
 
 
 def test_distills_from_webdataset_shards(tmp_path):
@@ -136,6 +296,7 @@ def test_distills_from_webdataset_shards(tmp_path):
 
 def test_grey_images_for_grey_datasets(tmp_path):
     main([*FAST, "--steps", "2", "--grey", "--out", str(tmp_path / "g")])
-    images = torch.load(tmp_path / "g" / "synset.pt", weights_only=False)["images"]
+    images = _images(tmp_path / "g")
     assert images.shape[1] == 3
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+    assert float(images.std()) > 0
