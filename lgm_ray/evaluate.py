@@ -127,6 +127,8 @@ def synset_settings(payload: dict, backbone_name: str) -> dict[str, Any]:
     distilled_with = payload.get("backbone") or cfg.get("backbone")
     if cfg.get("normalization") is not None and backbone_name == distilled_with:
         out["normalization"] = str(cfg["normalization"])
+    if cfg.get("raw_output") and backbone_name == distilled_with:  # the reference preset's CLIP features
+        out["raw_output"] = True
     return out
 
 
@@ -156,6 +158,8 @@ def resolve_settings(payload: dict | None, backbone_name: str, flags: dict[str, 
         if key in from_set and from_set[key] != given:
             notes.append(f"{flag} {given} overrides {key}={from_set[key]} of {source} "
                          f"(evaluating on {backbone_name}): using {given}")
+    if from_set.get("raw_output"):
+        used["raw_output"] = True
     return used, notes
 
 
@@ -207,6 +211,7 @@ def evaluate(
     normalization: str = "native",
     real_res: int = 256,
     crop_res: int = 224,
+    raw_output: bool = False,
     split: str = "test",
     cache_dir: str | Path | None = None,
     full_mode: str = "fast",
@@ -290,7 +295,7 @@ def evaluate(
         bl.checked_synset({"images": images, "labels": labels})
         bl.check_synset_classes(labels, shards, class_names=class_names, num_classes=num_classes)
     env = FeatureSource(backbone_name, shards, weights=weights, normalization=normalization, device=device,
-                        real_res=real_res, crop_res=crop_res, cache_dir=cache_dir)
+                        real_res=real_res, crop_res=crop_res, cache_dir=cache_dir, raw_output=raw_output)
     extra: dict = {}
     if baseline == "full":
         epochs, used_batch = epochs or FULL_EPOCHS, batch or FULL_BATCH
@@ -444,6 +449,7 @@ def evaluate_cross_model(
     labels: torch.Tensor | None = None,
     weights: dict[str, str] | list[str | None] | None = None,
     normalization: str | dict[str, str] | list[str] = "native",
+    raw_output: bool | list[bool] = False,
     parallel: bool | None = None,
     gpus_per_task: float | None = None,
     **kwargs: Any,
@@ -472,6 +478,8 @@ def evaluate_cross_model(
         normalization: one for all, a dict backbone name → normalisation (others ``native``), or a
             list aligned with ``backbones``: a set's own goes to the backbone it was distilled with
             only (:func:`synset_settings`).
+        raw_output: one for all or a list aligned with ``backbones`` (a reference-preset set's
+            backbone: :func:`synset_settings`).
         parallel: see above.
         gpus_per_task: GPUs per Ray task.
         **kwargs: the other options of :func:`evaluate` (``baseline``, ``split``, ``epochs``, ``seeds``,
@@ -485,8 +493,9 @@ def evaluate_cross_model(
         check_backbone(name)
     files = _per_backbone(weights, backbones, "weights")
     norms = _per_backbone(normalization, backbones, "normalization", default="native")
-    jobs = [(name, str(shards_root), {**kwargs, "weights": w, "normalization": nm})
-            for name, w, nm in zip(backbones, files, norms, strict=True)]
+    raws = list(raw_output) if isinstance(raw_output, (list, tuple)) else [bool(raw_output)] * len(backbones)
+    jobs = [(name, str(shards_root), {**kwargs, "weights": w, "normalization": nm, "raw_output": raw})
+            for name, w, nm, raw in zip(backbones, files, norms, raws, strict=True)]
     if not _uses_ray(parallel):
         return [_evaluate_task(name, root, images, labels, kw) for name, root, kw in jobs]
     import ray
@@ -598,7 +607,8 @@ def _prepare(args: argparse.Namespace) -> tuple[dict, list[str]]:
     # The set's resolution is the same for every backbone; only the normalisation is per backbone.
     kwargs = dict(
         backbones=backbones, shards_root=args.shards, images=images, labels=labels, weights=weights,
-        normalization=[s["normalization"] for s in per_backbone], real_res=per_backbone[0]["real_res"],
+        normalization=[s["normalization"] for s in per_backbone],
+        raw_output=[bool(s.get("raw_output")) for s in per_backbone], real_res=per_backbone[0]["real_res"],
         crop_res=per_backbone[0]["crop_res"], split=args.split, baseline=args.baseline, epochs=args.epochs,
         seeds=args.seeds, batch=args.batch, device=args.device, cache_dir=args.cache_dir,
         full_mode=args.full_mode, select_backbone=args.select_backbone, select_weights=args.select_weights,

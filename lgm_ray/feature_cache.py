@@ -103,6 +103,7 @@ def backbone_fingerprint(backbone: nn.Module, normalization: str = "native") -> 
         "feature_dim": getattr(backbone, "feature_dim", None),
         "ends_in_norm": getattr(spec, "ends_in_norm", None),
         "normalization": normalization,
+        "raw_output": bool(getattr(backbone, "raw_output", False)),
         "weights_sha256": state_dict_digest(backbone),
     }
 
@@ -304,7 +305,7 @@ class FeatureSource:
     Args:
         backbone_name: a registry name (checked: an unknown one lists the known ones).
         shards: a :class:`lgm_ray.shards.ShardSet`.
-        weights, normalization, device: as :func:`lgm_ray.backbones.create_backbone`.
+        weights, normalization, device, raw_output: as :func:`lgm_ray.backbones.create_backbone`.
         real_res, crop_res: split features are of resize ``real_res`` + centre crop ``crop_res``.
         cache_dir: cache folder (default :func:`default_cache_dir`).
 
@@ -314,13 +315,13 @@ class FeatureSource:
 
     def __init__(self, backbone_name: str, shards, *, weights: str | None = None,
                  normalization: str = "native", device: str | torch.device = "cpu", real_res: int = 256,
-                 crop_res: int = 224, cache_dir: str | os.PathLike | None = None) -> None:
+                 crop_res: int = 224, cache_dir: str | os.PathLike | None = None, raw_output: bool = False) -> None:
         check_backbone(backbone_name)
         check_device(device)
         self.shards, self.device, self.real_res, self.crop_res = shards, device, real_res, crop_res
         self.normalization = normalization
         self.backbone = create_backbone(backbone_name, weights=weights, normalization=normalization,
-                                        img_size=crop_res, device=device)
+                                        img_size=crop_res, device=device, raw_output=raw_output)
         self.fingerprint = backbone_fingerprint(self.backbone, normalization)
         self.cache = FeatureCache(cache_dir)
         self.cache_hits: dict[str, bool] = {}

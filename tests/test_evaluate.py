@@ -645,3 +645,18 @@ def test_internal_errors_are_not_dressed_up_as_usage_errors(digits_shards, synse
     with pytest.raises(ValueError, match="an internal bug"):  # a traceback, not exit status 2
         ev.main(["--synset", synset_file, "--backbone", BACKBONE, "--shards", digits_shards, "--epochs", "1",
                  "--seeds", "1", "--cache-dir", cache_dir])
+
+
+def test_a_reference_preset_set_is_evaluated_on_its_backbones_raw_output():
+    from lgm_ray.backbones import create_backbone
+    from lgm_ray.evaluate import synset_settings
+    from lgm_ray.feature_cache import backbone_fingerprint
+
+    payload = {"backbone": "digits_simclr_cnn",
+               "config": {"backbone": "digits_simclr_cnn", "raw_output": True, "normalization": "imagenet",
+                          "real_res": 32, "crop_res": 32}}
+    assert synset_settings(payload, "digits_simclr_cnn")["raw_output"] is True
+    assert "raw_output" not in synset_settings(payload, "clip_vitb32")  # other backbones: their own output
+    plain = backbone_fingerprint(create_backbone("digits_simclr_cnn"))
+    raw = backbone_fingerprint(create_backbone("digits_simclr_cnn", raw_output=True))
+    assert plain["raw_output"] is False and raw["raw_output"] is True  # cached apart
