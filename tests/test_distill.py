@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from overflow import Amplify
 from torch import nn
 
 from lgm_ray import backbones
@@ -213,17 +214,6 @@ def test_checkpoint_interval_does_not_change_the_images(tmp_path, straight20):
     assert torch.equal(_images(straight20), _images(tmp_path / "c3"))
 
 
-class _Amplify(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 class _OverflowCNN(nn.Module):
     """A backbone whose fp16 backward overflows by ``factor``; its LayerNorm runs in fp32 (as on CUDA)."""
 
@@ -236,7 +226,7 @@ class _OverflowCNN(nn.Module):
         self.factor = factor
 
     def forward(self, x):
-        h = _Amplify.apply(self.fc(F.gelu(self.conv(x)).mean((2, 3))), self.factor)
+        h = Amplify.apply(self.fc(F.gelu(self.conv(x)).mean((2, 3))), self.factor)
         with torch.autocast("cpu", enabled=False):
             return self.norm(h.float())
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from overflow import Amplify
 from torch import nn
 
 from lgm_ray.augment import AugSpec, sample_params
@@ -244,19 +245,6 @@ def test_lgm_step_on_three_uneven_workers_equals_one_process():
     assert float((split_grad - single_grad).norm() / single_grad.norm()) < 1e-5
 
 
-class _Amplify(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient, in its own dtype (fp16 under autocast)."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 class OverflowNet(TinyNet):
     """Half-precision layers whose backward overflows fp16 by ``factor``; the final LayerNorm in fp32."""
 
@@ -267,7 +255,7 @@ class OverflowNet(TinyNet):
     def forward(self, x):
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
-        h = _Amplify.apply(self.fc(x.mean((2, 3))), self.factor)
+        h = Amplify.apply(self.fc(x.mean((2, 3))), self.factor)
         with torch.autocast("cpu", enabled=False):
             return self.norm(h.float())
 
