@@ -83,8 +83,11 @@ _SPLIT_FIX = {
 
 def open_shards(root: str | Path):
     """Open a shards folder, with an error that says how to build one when it is missing."""
+    from lgm_ray.shards_index import is_pattern
+    from lgm_ray.shards_stream import is_local
+
     root = str(root)
-    if "://" not in root and not Path(root).is_dir():
+    if is_local(root) and not is_pattern(root) and not root.endswith(".json") and not Path(root).is_dir():
         raise MissingInputError(
             f"shards folder {root!r} does not exist; build it first, e.g. "
             f"`python -m lgm_ray.shards build digits --out {root}`, or pass the right --shards"

@@ -4,14 +4,22 @@
     python -m lgm_ray.shards build imagefolder DIR --out shards/NAME [--real-res 256 --format jpg …]
     python -m lgm_ray.shards build hf DIR --out shards/NAME [--image-column image --label-column label]
     python -m lgm_ray.shards build … --val-fraction 0.1 [--val-seed 0]   # + a validation split
+    python -m lgm_ray.shards index 'DIR/train-{000000..000146}.tar' --out shards/NAME \\
+        [--test 'DIR/val-{000000..000006}.tar'] [--classnames FILE] [--image-key K] [--label-key K[:FIELD]]
     python -m lgm_ray.shards verify shards/NAME
 
 A set holds the splits ``train`` and ``test`` (possibly empty, with ``--test-fraction 0``), and ``val``
 when one was held out of train (``--val-fraction``) or came from the source (a ``val/`` folder beside
 ``test/``, a ``validation`` split beside ``test``). Choices are made on ``val``; ``test`` is for the end.
 
-Writing lives in :mod:`lgm_ray.shards_build`; the on-disk format, its checks and the decoding of units
-in :mod:`lgm_ray.shards_stream` (whose docstring states the integrity and determinism policies).
+Where a set is (``--shards``, :class:`ShardSet`'s ``root``): a folder or URL prefix holding
+``manifest.json`` (built or indexed), a manifest file (``….json``), or shards lgm_ray did not write — a
+brace or glob pattern (``DIR/train-{000000..000146}.tar``, ``pipe:…``, ``http(s)://…``, ``s3://…``) or a
+folder of them — which is indexed in memory on every open (``index`` does it once).
+
+Writing lives in :mod:`lgm_ray.shards_build`, indexing in :mod:`lgm_ray.shards_index`; the on-disk
+format, its checks and the streaming reader in :mod:`lgm_ray.shards_stream` (whose docstring states the
+integrity and determinism policies).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import sys
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
+from itertools import chain, count
 from typing import Any
 
 import numpy as np
@@ -29,43 +38,66 @@ import torch
 
 from lgm_ray import shards_stream as core
 from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, SPLITS, build
+from lgm_ray.shards_index import index, index_source, is_pattern
 from lgm_ray.shards_stream import ShardError, SkippedSample
 
-__all__ = ["ShardError", "ShardSet", "SkippedSample", "build", "main", "verify"]
+__all__ = ["ShardError", "ShardSet", "SkippedSample", "build", "index", "main", "open_manifest", "verify"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
-Ref = tuple[int, int]  # (index of the shard in the manifest, position of the sample in the shard)
+Ref = tuple[int, int]  # (index of the entry in the manifest, position of the sample in the entry)
 SPLIT_FLAGS = {"train": "", "val": "--val-fraction 0.1", "test": "--test-fraction 0.1"}
 
 
+def open_manifest(root: str) -> tuple[dict[str, Any], str]:
+    """The manifest of a set given as ``--shards`` gives it, and the base its relative shard names are in.
+
+    A folder or URL prefix holding ``manifest.json``, or a ``….json`` manifest file, is read; a shard
+    pattern, or a local folder of shards without a manifest, is indexed in memory (see module doc).
+    """
+    if root.endswith(".json"):
+        return core.load_manifest(root), root.rpartition("/")[0] or "."
+    if is_pattern(root) or (core.is_local(root) and os.path.isdir(root)
+                            and not os.path.isfile(core.join(root, core.MANIFEST_NAME))
+                            and any(n.endswith((".tar", ".tar.gz", ".tgz")) or os.path.isdir(core.join(root, n))
+                                    for n in os.listdir(root))):
+        return index_source(root), root
+    return core.load_manifest(root), root
+
+
 class ShardSet:
-    """A built shard set: its manifest, endless training streams and ordered evaluation passes.
+    """A shard set: its manifest, endless training streams and ordered evaluation passes.
 
     Args:
-        root: local folder or URL prefix holding ``manifest.json`` and the shards: ``file://``, ``s3://``,
-            ``gs://``, ``http(s)://`` … through fsspec, ``pipe:CMD`` through WebDataset's gopen.
+        root: where the set is (module doc): a folder or URL prefix with ``manifest.json`` (``file://``,
+            ``s3://``, ``gs://``, ``http(s)://`` … through fsspec, ``pipe:CMD`` through webdataset's gopen),
+            a manifest file, or a shard pattern or folder of shards to index in memory.
         on_bad_sample: ``"raise"`` stops at the first undecodable image or bad label with a
-            :class:`ShardError`; ``"skip"`` leaves such samples out, lists each once in :attr:`skipped`
-            (shard, key, reason) and warns. Shard-level damage (wrong hash, bad tar) always raises.
+            :class:`ShardError`; ``"skip"`` leaves such samples out (training fills their places, see
+            :mod:`lgm_ray.shards_stream`), lists each once in :attr:`skipped` (shard, key, reason) and
+            warns. Shard-level damage (bad tar, truncation, wrong size or count) always raises.
 
     Raises:
         ShardError: the manifest is missing, malformed or inconsistent, a class has no train samples, or,
-            for a local set, a listed shard is missing or of the wrong size or an unlisted shard lies beside.
+            for local shards, a listed shard is missing or of the wrong size or an unlisted shard lies
+            beside a built set's manifest.
     """
 
     def __init__(self, root: str, *, on_bad_sample: str = "raise") -> None:
         if on_bad_sample not in core.ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {core.ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.root = os.fspath(root)
-        self.manifest: dict[str, Any] = core.load_manifest(self.root)
-        if core.is_local(self.root) and (problems := core.local_file_problems(self.manifest, self.root)):
+        self.manifest, self.base = open_manifest(self.root)
+        if problems := core.local_file_problems(self.manifest, self.base):
             raise ShardError(f"shard set {self.root} does not match its manifest: {'; '.join(problems)}; "
                              f"{core.verify_hint(self.root)}, then {core.rebuild_hint(self.root)}")
         self.class_names: list[str] = list(self.manifest["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size = int(self.manifest["image"]["short_side"])
         self.skipped: list[SkippedSample] = []
-        self._reader = core.Reader(self.root, self.manifest, on_bad_sample)
+        self._bad_keys: dict[str, set[str]] = defaultdict(set)
+        layout = core.Layout.of(self.manifest)
+        self._reader = core.Reader(self.root, self.base, self.manifest, layout)
+        self._decoder = core.Decoder(self.root, layout, on_bad_sample)
         self._index: dict[str, list[tuple[int, int, str, int]]] = {}
 
     def count(self, split: str) -> int:
@@ -73,27 +105,30 @@ class ShardSet:
         return sum(self._counts(split))
 
     def shard_urls(self, split: str) -> list[str]:
-        """URLs (or paths) of the shards of ``split``, in manifest order."""
+        """URLs (or paths) of the shards of ``split``, in manifest order (a shard split across two
+        splits by an indexed validation carve is listed in both)."""
         self._counts(split)
-        return [core.join(self.root, e["name"]) for e in self.manifest["shards"] if e["split"] == split]
+        return [core.entry_url(self.base, e) for e in self.manifest["shards"] if e["split"] == split]
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
                       world_size: int = 1, num_streams: int = 8, real_res: int | None = None,
-                      num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                      num_workers: int = 0, shuffle_buffer: int = core.SHUFFLE_BUFFER
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This rank's share of the global training batch of step ``start_step``, ``start_step + 1``, …
 
         Yields ``(images B_r×3×R×R float in [0, 1], labels B_r, positions B_r)``. The rule (see
         :mod:`lgm_ray.sources`): the train shards are dealt to ``num_streams`` virtual streams — shard
         ``i`` to stream ``i % num_streams`` when there are at least as many shards as streams, else sample
         ``j`` of the split (manifest order) to stream ``j % num_streams``. Each stream is an endless
-        shuffled sequence (per-epoch unit order, per-unit sample order, a random ``R``×``R`` crop of every
-        image resized to short side ``R``), seeded by ``(seed, stream)``. Stream ``v`` gives the next
-        ``batch_size // num_streams + (v < batch_size % num_streams)`` of its samples to every step; the
-        global batch is the streams' shares in stream order, and ``positions`` are the yielded samples'
-        places in it. Rank ``r`` reads streams ``r, r + world_size, …``, so the global batch, and each
-        sample's position in it, depend on ``(seed, step, batch_size, num_streams, real_res)`` and the
-        data only: neither on ``world_size`` nor on ``num_workers``. A start at step ``t`` finds each
-        stream's place from the manifest's counts and decodes only from the unit it lands in.
+        shuffled sequence (per-epoch unit order, a seeded shuffle buffer of ``shuffle_buffer`` samples
+        over each unit, a random ``R``×``R`` crop of every image resized to short side ``R``), seeded by
+        ``(seed, stream)``. Stream ``v`` gives the next ``batch_size // num_streams + (v < batch_size %
+        num_streams)`` of its samples to every step; the global batch is the streams' shares in stream
+        order, and ``positions`` are the yielded samples' places in it. Rank ``r`` reads streams ``r, r +
+        world_size, …``, so the global batch, and each sample's position in it, depend on ``(seed, step,
+        batch_size, num_streams, real_res, shuffle_buffer)`` and the data only: neither on ``world_size``
+        nor on ``num_workers``. A start at step ``t`` finds each stream's place from the manifest's counts
+        and passes over the samples before it in the tar stream without decoding them.
 
         Args:
             batch_size: size of the global batch (all ranks together); may be smaller than ``num_streams``
@@ -104,28 +139,36 @@ class ShardSet:
             rank: this rank's index in ``[0, world_size)``.
             world_size: ranks sharing the batch; at most ``num_streams``.
             num_streams: virtual streams; fix it for a run (changing it changes every batch).
-            real_res: ``R``; defaults to the size the shards were built at.
-            num_workers: DataLoader processes decoding whole units (0: decode in this process). Each unit
-                in flight holds ``count×3×R×R`` bytes; the first batch waits for one unit per stream of
-                this rank, and the workers hold up to about one more per stream, decoded ahead.
+            real_res: ``R``; defaults to the set's short side (an indexed set: the median one).
+            num_workers: decode processes (0: decode here). The tars are read here; each process holds
+                up to 2 steps' samples in flight.
+            shuffle_buffer: samples held per open unit to shuffle it (raw bytes, not decoded); a unit of
+                at most this many samples is fully permuted. Memory: one buffer per stream of this rank.
 
         Raises:
             ValueError: bad arguments; ``world_size > num_streams``; fewer train samples than streams.
         """
         size, _ = self._sizes(real_res, None)
-        if num_workers < 0:
-            raise ValueError(f"need num_workers ≥ 0, got {num_workers}")
+        if num_workers < 0 or shuffle_buffer < 1:
+            raise ValueError(f"need num_workers ≥ 0 and shuffle_buffer ≥ 1, got {num_workers}, {shuffle_buffer}")
         shares, mine = core.stream_layout(batch_size, num_streams, rank, world_size, start_step)
         plans = self._stream_plans(num_streams)
         active = tuple((v, plans[v], shares[v]) for v in mine if shares[v])
-        units = core.StreamUnits(active, seed, start_step, size)
-        # Streams that start together need their next units together: let the workers hold one per stream.
-        ahead = max(2, -(-len(active) // max(num_workers, 1)) + 1)
-        decoded = core.decoded_units(self._reader, units, num_workers, ahead) if active else iter(())
         first = np.cumsum([0, *shares]).tolist()
         positions = torch.cat([torch.arange(first[v], first[v] + n) for v, _, n in active] or
                               [torch.empty(0, dtype=torch.int64)])
-        return self._serve(zip(units, decoded, strict=False), active, size, positions)
+        if not active:
+            return self._empty(size)
+        tasks = self._train_tasks(active, seed, start_step, size, shuffle_buffer)
+        return self._serve(core.decode_pool(self._decoder, tasks, num_workers), positions)
+
+    def _train_tasks(self, active: tuple[tuple[int, core.StreamPlan, int], ...], seed: int, start_step: int,
+                     size: int, shuffle_buffer: int) -> Iterator[core.TrainTask]:
+        streams = [(v, share, core.Lookahead(self._reader.stream_items(v, plan, share, seed, start_step,
+                                                                       shuffle_buffer)))
+                   for v, plan, share in active]
+        for step in count(start_step):
+            yield core.TrainTask([(v, s.take(share), s.peek(core.SPARES)) for v, share, s in streams], size, step)
 
     def _stream_plans(self, num_streams: int) -> list[core.StreamPlan]:
         """Every virtual stream's units: whole shards dealt round-robin, or every shard sliced by stride."""
@@ -145,36 +188,17 @@ class ShardSet:
                       if (n_v := len(range((v - off) % num_streams, n, num_streams))))
                 for v in range(num_streams)]
 
-    def _serve(self, units_and_decoded: Iterator[tuple[core.Unit, core.Decoded]],
-               active: tuple[tuple[int, core.StreamPlan, int], ...], size: int, positions: torch.Tensor
+    def _serve(self, decoded: Iterator[core.Decoded], positions: torch.Tensor
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Hand each decoded unit to its stream's queue and cut every step's shares off the queues."""
-        queues: dict[int, deque[list[Any]]] = {v: deque() for v, _, _ in active}
-        have = dict.fromkeys(queues, 0)
-        empty_run = dict.fromkeys(queues, 0)
-        units_of = {v: len(plan) for v, plan, _ in active}
+        for images, labels, _, skipped in decoded:
+            self._note_skipped(skipped)
+            yield images.float().div_(255.0), labels, positions.clone()
+
+    @staticmethod
+    def _empty(size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         while True:
-            parts = []
-            for v, _, share in active:
-                while have[v] < share:
-                    unit, (_, images, labels, keys, skipped) = next(units_and_decoded)
-                    self._note_skipped(skipped)
-                    w = unit.stream
-                    empty_run[w] = 0 if keys else empty_run[w] + 1
-                    if empty_run[w] >= units_of[w]:
-                        raise ShardError(f"a whole pass of virtual stream {w} over {self.root} gave no "
-                                         f"decodable sample; {core.verify_hint(self.root)}")
-                    if keys:
-                        queues[w].append([images, labels, keys, 0])
-                        have[w] += len(keys)
-                parts.append(_pop(queues[v], share))
-                have[v] -= share
-            if parts:
-                images = torch.cat([p[0] for p in parts]).float().div_(255.0)
-                labels = torch.cat([p[1] for p in parts])
-            else:
-                images, labels = torch.empty((0, 3, size, size)), torch.empty(0, dtype=torch.int64)
-            yield images, labels, positions.clone()
+            yield (torch.empty((0, 3, size, size)), torch.empty(0, dtype=torch.int64),
+                   torch.empty(0, dtype=torch.int64))
 
     def eval_batches(self, split: str = "test", batch_size: int = 256, *, rank: int = 0, world_size: int = 1,
                      resize: int | None = None, crop: int | None = None, num_workers: int = 0
@@ -185,7 +209,7 @@ class ShardSet:
         ``crop`` (default: ``resize``). With at least ``world_size`` shards, rank ``r`` reads shards ``r,
         r + world_size, …``; with fewer, every rank reads all shards and keeps the samples ``i`` (manifest
         order) with ``i % world_size == r``. Across ranks every sample comes exactly once; the last batch
-        may be smaller.
+        may be smaller. ``num_workers`` decode processes change nothing but the speed.
 
         Args:
             split: ``"train"``, ``"val"`` or ``"test"``.
@@ -194,8 +218,9 @@ class ShardSet:
         if batch_size < 1 or num_workers < 0:
             raise ValueError("need batch_size ≥ 1 and num_workers ≥ 0")
         plan = self._plan(split, rank, world_size)
-        units = [core.Unit(uid, *step, size, crop) for uid, step in enumerate(plan)]
-        return self._rebatch(core.decoded_units(self._reader, units, num_workers), batch_size)
+        items = chain.from_iterable(self._reader.unit_items(core.Unit(*step)) for step in plan)
+        tasks = (core.EvalTask(chunk, size, crop) for chunk in core.batched(items, batch_size))
+        return self._rebatch(core.decode_pool(self._decoder, tasks, num_workers), batch_size)
 
     def iter_split(self, split: str, *, resize: int | None = None, crop: int | None = None,
                    batch_size: int = 256) -> Iterator[Batch]:
@@ -253,7 +278,8 @@ class ShardSet:
             have = ", ".join(self.manifest["counts"])
             raise ValueError(f"{self.root} has no split {split!r} (it has {have}); "
                              f"re-build it with `python -m lgm_ray.shards build SOURCE --out {self.root} "
-                             f"--overwrite {SPLIT_FLAGS[split]}` to hold one out of train")
+                             f"--overwrite {SPLIT_FLAGS[split]}` (or re-index it with `python -m "
+                             f"lgm_ray.shards index` and --test SOURCE or --val-fraction) to hold one out")
         return self.manifest["counts"][split]
 
     def _sizes(self, resize: int | None, crop: int | None) -> tuple[int, int]:
@@ -264,7 +290,7 @@ class ShardSet:
         return size, crop
 
     def _plan(self, split: str, rank: int, world_size: int) -> list[tuple[int, int, int, int]]:
-        """This rank's (shard index, first sample's index in the split, stride, phase) in manifest order."""
+        """This rank's (entry index, first sample's index in the split, stride, phase) in manifest order."""
         self._counts(split)
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank}, world_size={world_size}")
@@ -280,7 +306,7 @@ class ShardSet:
     def _rebatch(self, decoded: Iterable[core.Decoded], batch_size: int) -> Iterator[Batch]:
         queue: deque[list[Any]] = deque()
         have = 0
-        for _, images, labels, keys, skipped in decoded:
+        for images, labels, keys, skipped in decoded:
             self._note_skipped(skipped)
             if keys:
                 queue.append([images, labels, keys, 0])
@@ -292,18 +318,20 @@ class ShardSet:
             yield _take(queue, have)
 
     def _index_of(self, split: str) -> list[tuple[int, int, str, int]]:
-        """(shard index, position, key, label) of every sample of ``split``, read once and cached."""
+        """(entry index, position, key, label) of every sample of ``split``, read once and cached."""
         self._counts(split)
         if split not in self._index:
             rows = []
             for i, entry in enumerate(self.manifest["shards"]):
                 if entry["split"] != split:
                     continue
-                for pos, (key, parts) in enumerate(self._reader.samples(i)):
+                for pos, sample in self._reader.entry_samples(i):
+                    key = sample["__key__"]
                     try:
-                        rows.append((i, pos, key, core.parse_label(parts, key, self.num_classes)))
+                        rows.append((i, pos, key, core.parse_label(core.members_of(sample), key,
+                                                                    self._reader.layout)))
                     except core.BadSample as bad:
-                        self._note_skipped([self._reader.bad(core.join(self.root, entry["name"]), bad)])
+                        self._note_skipped([self._decoder.bad(self._reader.url(i), bad)])
             self._index[split] = rows
         return self._index[split]
 
@@ -314,29 +342,38 @@ class ShardSet:
         return refs
 
     def _fetch(self, refs: list[Ref], size: int, crop: int) -> dict[Ref, np.ndarray | None]:
-        """Centre crops of chosen (shard, position) samples, one read per shard; None where skipped."""
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for shard, pos in refs:
-            by_shard[shard].append(pos)
+        """Centre crops of chosen (entry, position) samples, one streamed read per entry; None where bad."""
+        by_entry: dict[int, set[int]] = defaultdict(set)
+        for entry, pos in refs:
+            by_entry[entry].add(pos)
         out: dict[Ref, np.ndarray | None] = {}
-        for shard in sorted(by_shard):
-            entry = self.manifest["shards"][shard]
-            samples = self._reader.samples(shard)
-            for pos in by_shard[shard]:
+        for entry in sorted(by_entry):
+            wanted, url = by_entry[entry], self._reader.url(entry)
+            for pos, sample in self._reader.entry_samples(entry):
+                if pos not in wanted:
+                    continue
+                item = (sample["__key__"], url, core.members_of(sample), None, None)
                 try:
-                    img, _ = core.decode_sample(samples[pos], self._reader.encoding, self.num_classes)
-                    out[shard, pos] = core.crop_array(core.resize_short(img, size), crop)
+                    out[entry, pos] = core.crop_array(self._decoder.image(item, size)[0], crop)
                 except core.BadSample as bad:
-                    self._note_skipped([self._reader.bad(core.join(self.root, entry["name"]), bad)])
-                    out[shard, pos] = None
+                    self._note_skipped([self._decoder.bad(url, bad)])
+                    out[entry, pos] = None
         return {ref: out[ref] for ref in refs}
 
     def _note_skipped(self, skipped: list[SkippedSample]) -> None:
         for s in skipped:
-            if all((s.shard, s.key) != (t.shard, t.key) for t in self.skipped):
-                self.skipped.append(s)
-                warnings.warn(f"skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}",
-                              stacklevel=4)
+            bad = self._bad_keys[s.shard]
+            if s.key in bad:
+                continue
+            bad.add(s.key)
+            self.skipped.append(s)
+            warnings.warn(f"skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}", stacklevel=4)
+            total = sum(int(e["count"]) for e in self.manifest["shards"]
+                        if core.entry_url(self.base, e) == s.shard)
+            if len(bad) >= total:
+                raise ShardError(f"shard {s.shard}: none of its {total} samples decodes (e.g. key {s.key}: "
+                                 f"{s.reason}); {core.verify_hint(self.root)}, then fix or drop that shard "
+                                 f"({core.rebuild_hint(self.root)})")
 
 
 def _pop(queue: deque[list[Any]], n: int) -> Batch:
@@ -365,7 +402,7 @@ def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[
     """Check every shard's size, sha256 and sample count, decode every sample, and recount the classes.
 
     Args:
-        root: the shard set's folder or URL prefix.
+        root: where the set is (see :class:`ShardSet`).
         on_bad_sample: with ``"skip"``, undecodable samples and bad labels are reported as tolerated
             (what a skipping :class:`ShardSet` would leave out) instead of as problems.
 
@@ -376,55 +413,63 @@ def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[
         ShardError: the manifest itself is missing or unusable.
     """
     root = os.fspath(root)
-    m = core.load_manifest(root)
-    local = core.is_local(root)
-    problems = core.local_file_problems(m, root) if local else []
+    m, base = open_manifest(root)
+    layout = core.Layout.of(m)
+    problems = core.local_file_problems(m, base)
+    listed = "\n".join(problems)
     tolerated: list[str] = []
     sink = tolerated if on_bad_sample == "skip" else problems
-    enc, n_classes, size = m["image"]["encoding"], len(m["class_names"]), int(m["image"]["short_side"])
+    size, n_classes = int(m["image"]["short_side"]), len(m["class_names"])
     found = {split: [0] * n_classes for split in m["counts"]}
     damaged: set[str] = set()
+    by_url: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in m["shards"]:
-        url, split = core.join(root, entry["name"]), entry["split"]
-        before = len(problems) + len(tolerated)
-        samples: list[tuple[str, dict[str, bytes]]] = []
-        try:
-            data = core.read_bytes(url)
-        except Exception as e:  # each transport has its own errors; a missing local shard is already listed
-            if not (local and not os.path.isfile(url)):
-                problems.append(f"shard {url} cannot be read ({type(e).__name__}: {e})")
-        else:
-            problem = core.shard_bytes_problem(data, entry)
-            if problem and not (local and len(data) != entry["bytes"]):  # a wrong size is listed already
-                problems.append(f"shard {url} {problem}")
+        by_url[core.entry_url(base, entry)].append(entry)
+    for url, entries in by_url.items():
+        first, before = entries[0], len(problems) + len(tolerated)
+        owner = {int(p): e["split"] for e in entries for p in e.get("positions", ())} if "positions" in first \
+            else None
+        stats = core.ReadStats()
+        if f"shard {url} is listed in the manifest but missing" not in listed:
             try:
-                samples = core.parse_tar(data, url)
+                for p, sample in enumerate(core.shard_samples(url, layout.members, stats=stats, hashing=True)):
+                    split = first["split"] if owner is None else owner.get(p)
+                    if split is None:
+                        continue  # left out when the set was indexed
+                    key = sample["__key__"]
+                    try:
+                        img, label = core.decode_sample((key, core.members_of(sample)), layout)
+                    except core.BadSample as bad:
+                        sink.append(f"shard {url}, key {bad.key}: {bad.reason}")
+                        continue
+                    if layout.resized and min(img.size) != size:
+                        problems.append(f"shard {url}, key {key}: short side {min(img.size)}, manifest: {size}")
+                    found[split][label] += 1
             except ShardError as e:
                 problems.append(str(e))
-            if samples and len(samples) != entry["count"]:
-                problems.append(f"shard {url} holds {len(samples)} samples, manifest: {entry['count']}")
-        for sample in samples:
-            try:
-                img, label = core.decode_sample(sample, enc, n_classes)
-            except core.BadSample as bad:
-                sink.append(f"shard {url}, key {bad.key}: {bad.reason}")
-                continue
-            if min(img.size) != size:
-                problems.append(f"shard {url}, key {sample[0]}: short side {min(img.size)}, manifest: {size}")
-            found[split][label] += 1
+        if stats.done:
+            if stats.bytes != first["bytes"]:
+                if f"shard {url} has {stats.bytes} bytes" not in listed:
+                    problems.append(f"shard {url} has {stats.bytes} bytes, the manifest says {first['bytes']}")
+            elif stats.sha256 != first["sha256"]:
+                problems.append(f"shard {url} has a sha256 that differs from the manifest's (corrupted or "
+                                "replaced)")
+            expected = int(first.get("tar_samples", first["count"]))
+            if stats.samples != expected:
+                problems.append(f"shard {url} holds {stats.samples} samples, manifest: {expected}")
         if len(problems) + len(tolerated) > before:
-            damaged.add(split)
-    for split, expected in m["counts"].items():
-        if split not in damaged and found[split] != list(expected):
+            damaged.update(e["split"] for e in entries)
+    for split, expected_counts in m["counts"].items():
+        if split not in damaged and found[split] != list(expected_counts):
             problems.append(f"split {split}: the shards hold per-class counts {found[split]}, "
-                            f"the manifest says {list(expected)}")
+                            f"the manifest says {list(expected_counts)}")
     totals = ", ".join(f"{split} {sum(c)}" for split, c in m["counts"].items())
-    summary = f"{root}: {len(m['shards'])} shards, {n_classes} classes, samples: {totals}"
+    summary = f"{root}: {len(by_url)} shards, {n_classes} classes, samples: {totals}"
     return problems, tolerated, summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lgm_ray.shards {build,verify}``; returns the exit status."""
+    """``python -m lgm_ray.shards {build,index,verify}``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m lgm_ray.shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="encode a source into shards and a manifest")
@@ -448,11 +493,33 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, once built")
     b.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
                    help="skip: leave out undecodable source images (listed in the manifest)")
+    i = sub.add_parser("index", help="write a manifest for existing WebDataset shards (no image is rewritten)")
+    i.add_argument("source", help="the train shards: a brace or glob pattern (DIR/train-{000000..000146}.tar, "
+                   "pipe:…, http(s)://…, s3://…) or a folder (train/ val/ test/ sub-folders, or shards "
+                   "named by split)")
+    i.add_argument("--out", required=True, help="folder for manifest.json (the shards stay where they are)")
+    i.add_argument("--test", help="the test shards (pattern or folder), if SOURCE does not hold them")
+    i.add_argument("--classnames", help="FILE with one class name per line (classnames.txt style), or "
+                   "KEY:FIELD to take each class's name from a field of the JSON member KEY; default: a "
+                   "classnames.txt beside the shards, else the class indices")
+    i.add_argument("--image-key", help="the image member's extension (default: found among "
+                   f"{', '.join(core.IMAGE_KEYS[:6])}, …)")
+    i.add_argument("--label-key", default="cls", help="the label member: cls (an integer, the default), "
+                   "another extension, or KEY:FIELD for a field of a JSON member (e.g. json:label)")
+    i.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of every class's train samples as split 'val' (by position; "
+                   "no shard is rewritten)")
+    i.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default 0)")
+    i.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="scanning processes")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json in --out")
+    i.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+                   help="skip: leave out samples without an image or with a bad label (counted and listed)")
     v = sub.add_parser("verify", help="check hashes and counts and decode every sample")
-    v.add_argument("root", help="shard set folder or URL prefix")
+    v.add_argument("root", help="shard set folder, URL prefix, manifest file or shard pattern")
     v.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
                    help="skip: report bad samples, and pass if nothing else is wrong")
     args = parser.parse_args(argv)
+    command = sys.argv[1:] if argv is None else argv
     try:
         if args.command == "build":
             name = os.path.basename(os.path.normpath(args.path or args.source))
@@ -461,7 +528,13 @@ def main(argv: list[str] | None = None) -> int:
                   workers=args.workers, test_fraction=args.test_fraction, split_seed=args.split_seed,
                   val_fraction=args.val_fraction, val_seed=args.val_seed,
                   overwrite=args.overwrite, on_bad_sample=args.on_bad_sample, image_column=args.image_column,
-                  label_column=args.label_column, command=sys.argv[1:] if argv is None else argv)
+                  label_column=args.label_column, command=command)
+            return 0
+        if args.command == "index":
+            index(args.source, out=args.out, test=args.test, classnames=args.classnames,
+                  image_key=args.image_key, label_key=args.label_key, val_fraction=args.val_fraction,
+                  val_seed=args.val_seed, workers=args.workers, overwrite=args.overwrite,
+                  on_bad_sample=args.on_bad_sample, command=command)
             return 0
         problems, tolerated, summary = verify(args.root, on_bad_sample=args.on_bad_sample)
     except ShardError as e:

@@ -1,9 +1,10 @@
 """Write lgm_ray shard sets: ``python -m lgm_ray.shards build {digits | imagefolder DIR | hf DIR}``.
 
 Images are decoded once, resized to short side ``real_res`` (uncropped), encoded once as JPEG or PNG and
-written with their class index into tar shards, train, test and val apart. Samples are shuffled
-(``split_seed``) before sharding, so shards mix classes; tar members carry no timestamps or owners, so the
-same inputs and options give byte-identical shards. A process pool encodes shards into a hidden staging
+written with their class index into tar shards by ``webdataset.TarWriter`` (``KEY.cls``, ``KEY.jpg``; any
+WebDataset reader reads them), train, test and val apart. Samples are shuffled (``split_seed``) before
+sharding, so shards mix classes; tar members carry a fixed timestamp and owner, so the same inputs and
+options give byte-identical shards. A process pool encodes shards into a hidden staging
 folder beside ``--out``; the manifest is written last (tmp + ``os.replace``), then the staging folder
 replaces ``--out``, so a failed build leaves whatever was in ``--out`` untouched.
 
@@ -24,7 +25,6 @@ import os
 import shlex
 import shutil
 import sys
-import tarfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 from lgm_ray import __version__
@@ -263,17 +264,13 @@ def encode(img: Image.Image, enc: Encoding) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)  # mtime 0, no owner: identical inputs give identical shards
-    info.size, info.mode = len(payload), 0o444
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Encode and write one shard (run in a pool worker); return its manifest entry and labels."""
     name, tmp = os.path.basename(task.path), task.path + ".part"
     labels, skipped = [], []
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # webdataset's writer: members KEY.cls and KEY.<fmt>; mtime 0 and fixed owners, so identical inputs
+    # give identical shards.
+    with wds.TarWriter(tmp, encoder=False, mtime=0, user="lgm_ray", group="lgm_ray") as sink:
         for key, ref, label in task.samples:
             try:
                 payload = encode(open_ref(ref), task.enc)
@@ -284,8 +281,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                                      "or pass --on-bad-sample skip to leave such images out") from None
                 skipped.append({"shard": name, "key": key, "source": describe(ref), "reason": reason})
                 continue
-            _add(tar, f"{key}.{task.enc.fmt}", payload)
-            _add(tar, f"{key}.cls", str(label).encode("ascii"))
+            sink.write({"__key__": key, task.enc.fmt: payload, "cls": str(label).encode("ascii")})
             labels.append(label)
     if not labels:
         os.remove(tmp)

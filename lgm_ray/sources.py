@@ -1,7 +1,9 @@
 """Where a distillation run gets its real images: a name or a path → a :class:`RealSource`.
 
 ``digits`` is scikit-learn's digits held in memory (no files needed: the tests and the quickest
-demo); any other value is a WebDataset shards folder or URL written by ``python -m lgm_ray.shards``.
+demo); any other value is a WebDataset shard set: a folder or URL with an lgm_ray manifest (written by
+``python -m lgm_ray.shards build`` or ``index``), a manifest file, or a shard pattern such as
+``DIR/train-{000000..000146}.tar`` (see :class:`lgm_ray.shards.ShardSet`).
 
 **The real batch of a step.** ``source.batches(B, seed=s, start_step=t, rank=r, world_size=K,
 num_streams=V)`` yields rank ``r``'s share of the global real batch of steps ``t, t + 1, …``, by one
@@ -11,8 +13,10 @@ rule that makes the global batch a function of ``(s, step, B, V)`` and the data 
    stream ``i % V`` when there are at least ``V`` train shards, else sample ``j`` of the split goes to
    stream ``j % V``. Digits: sample ``j`` of the train split goes to stream ``j % V``.
 2. Each stream is an endless shuffled sequence seeded apart from ``(s, stream)``: every epoch a fresh
-   order of its units (shards or shard slices) and of the samples in each unit, and, for shards, a
-   fresh random ``R``×``R`` crop of every image (resized to short side ``R``).
+   order of its units (shards or shard slices), a fresh shuffle of the samples in each unit, and, for
+   shards, a fresh random ``R``×``R`` crop of every image (resized to short side ``R``). Shards stream:
+   a unit is shuffled through a seeded buffer of ``shuffle_buffer`` samples (default 1,000; a unit of at
+   most that many samples is fully permuted) as webdataset reads it.
 3. Stream ``v`` gives ``B // V + (v < B % V)`` samples per step, the next ones of its sequence; the
    global batch of step ``t`` is the streams' shares concatenated in stream order. A sample's
    *position* is its index ``0 … B − 1`` in that batch; the caller uses it to pick the sample's
@@ -22,17 +26,19 @@ rule that makes the global batch a function of ``(s, step, B, V)`` and the data 
 
 Consequences: a run on any number of ranks sees the same batches; a run resumed (or extended) at any
 step sees exactly the batches of an uninterrupted run, because a stream's place at step ``t`` is
-computed from the counts (``t × share`` samples in), and only the unit it lands in is read; the DataLoader
-decode processes (``num_workers``) change nothing.
+computed from the counts (``t × share`` samples in), and only the unit it lands in is read — the
+samples before that place pass through the tar stream undecoded; the decode processes
+(``num_workers``) change nothing.
 
 Limits: ``K ≤ V`` (each rank reads whole streams: raise ``num_streams`` for more ranks; a ``ValueError``
 says so); ranks read unequal shares when ``V`` is not a multiple of ``K`` (e.g. V = 8, K = 3: 3, 3 and
 2 streams); ``B < V`` is allowed — streams whose share is 0 read nothing, and a rank whose streams all
 have share 0 yields empty batches; ``V`` must not exceed the number of training samples; changing
-``V``, ``B`` or ``R`` changes every batch. Exactness of resumption counts on every sample decoding:
-under ``on_bad_sample="skip"`` a skipped sample shifts the rest of its stream, so a resumed run can
-differ from an uninterrupted one after a bad sample (sets with no bad samples are exact). A stream's
-memory is one decoded unit (a whole shard: ``count × 3 × R × R`` bytes) plus the DataLoader's prefetch.
+``V``, ``B``, ``R`` or the shuffle buffer changes every batch. Under ``on_bad_sample="skip"`` a bad
+sample's place is taken by the next decodable sample of its stream (within its step's share and the
+2 samples after it), so batches keep their size and resumption stays exact. Memory per rank: one
+shuffle buffer of raw (encoded) samples per stream it reads, plus the decode processes' tasks in flight
+(2 steps each) — not a shard's size.
 """
 
 from __future__ import annotations
@@ -117,12 +123,13 @@ class DigitsSource:
 
 
 class ShardSource:
-    """A WebDataset shards folder (or URL) read through :class:`lgm_ray.shards.ShardSet`.
+    """A WebDataset shard set (folder, URL, manifest or pattern) read through :class:`lgm_ray.shards.ShardSet`.
 
     Args:
         root: the shard set's folder or URL prefix.
         real_res: side of the random crops (default: the size the shards were built at).
-        num_workers: DataLoader processes decoding shards; the batches do not depend on it.
+        num_workers: decode processes (the tars are read in this process); the batches do not depend on
+            it.
     """
 
     def __init__(self, root: str, real_res: int | None = None, num_workers: int = 0) -> None:

@@ -282,13 +282,31 @@ def test_build_skips_undecodable_source_images(tmp_path: Path, capsys: pytest.Ca
     assert m["skipped"][0]["source"].endswith("broken.png")
 
 
-def test_webdataset_reads_the_shards(square_set: Path) -> None:
+@pytest.mark.parametrize("fixture", ["square_set", "rect_set"])
+def test_webdataset_reads_the_shards(fixture: str, request: pytest.FixtureRequest) -> None:
+    """Plain webdataset reads every image and label that ``build`` wrote (it wrote with TarWriter)."""
     import webdataset as wds
 
-    urls = ShardSet(str(square_set)).shard_urls("test")
-    samples = list(wds.WebDataset(urls, shardshuffle=False))
-    assert {s["__key__"]: int(s["cls"]) for s in samples} == _tar_labels(square_set, "test")
-    assert all("png" in s for s in samples)
+    root = request.getfixturevalue(fixture)
+    s = ShardSet(str(root))
+    ext = s.manifest["image"]["encoding"]
+    for split in ("train", "test"):
+        ds = wds.WebDataset(s.shard_urls(split), shardshuffle=False).decode("rgb8").to_tuple("__key__", ext, "cls")
+        theirs = {k: (img.tobytes(), int(c)) for k, img, c in ds}
+        ours = {k: (x.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy().tobytes(), int(y))
+                for xs, ys, ks in s.iter_split(split, resize=8, crop=8) for x, y, k in zip(xs, ys, ks, strict=True)
+                } if fixture == "square_set" else None  # 8×8 stored: ours are the images themselves
+        assert len(theirs) == s.count(split) and {k: c for k, (_, c) in theirs.items()} == _tar_labels(root, split)
+        if ours is not None:
+            assert theirs == ours
+
+
+def test_no_hand_written_tar_reading() -> None:
+    """The tar work is webdataset's: lgm_ray's shard modules do not use tarfile themselves."""
+    from lgm_ray import shards, shards_build, shards_index, shards_stream
+
+    for module in (shards, shards_build, shards_index, shards_stream):
+        assert "tarfile" not in vars(module), module.__name__
 
 
 # ---------------------------------------------------------------- stream
@@ -410,6 +428,63 @@ def test_remote_urls(square_set: Path) -> None:
         assert [k for _, _, ks in ShardSet(root).iter_split("test") for k in ks] == local
 
 
+def test_shards_stream_never_whole(digits_shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first batch comes after reading a small part of a 1,000-sample shard: buffers, not shards."""
+    from lgm_ray import shards_stream
+
+    reads: list[int] = []
+    real = shards_stream.open_stream
+
+    class Counting:
+        def __init__(self, stream) -> None:
+            self.stream = stream
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.stream.read(n)
+            reads[-1] += len(data)
+            return data
+
+        def close(self) -> None:
+            self.stream.close()
+
+    monkeypatch.setattr(shards_stream, "open_stream", lambda url: reads.append(0) or Counting(real(url)))
+    s = ShardSet(digits_shards)
+    smallest = min(e["bytes"] for e in s.manifest["shards"])
+    for make in (lambda: s.train_batches(8, seed=0, num_streams=1, shuffle_buffer=16),
+                 lambda: s.iter_split("train", batch_size=10)):
+        reads.clear()
+        stream = make()
+        next(stream)
+        assert len(reads) == 1 and 0 < reads[0] < smallest / 8
+        stream.close()
+    reads.clear()
+    full = _take(s.train_batches(8, seed=0, num_streams=1), 1)  # a 1,000-sample buffer: the whole unit first
+    assert reads[0] >= smallest and not torch.equal(full[0][0], _take(s.train_batches(
+        8, seed=0, num_streams=1, shuffle_buffer=16), 1)[0][0])
+
+
+@pytest.mark.filterwarnings("ignore:skipped a bad sample")
+def test_skip_policy_keeps_batches_exact(bad_copy: Path) -> None:
+    """A bad sample's place goes to the next good one of its stream: same size, same batch for any start,
+    rank count or decode processes."""
+    key = _first_key(bad_copy, "train-000001.tar")
+    _rewrite_shard(bad_copy, "train-000001.tar", _replace(f"{key}.png", b"junk"))
+    s = ShardSet(str(bad_copy), on_bad_sample="skip")
+    good = {_h(x) for xs, _, ks in s.iter_split("train") for x in xs}
+    assert len(good) == 44 and [x.key for x in s.skipped] == [key]
+    straight = _take(s.train_batches(9, seed=2, num_streams=3), 12)  # 108 samples: every one at least twice
+    assert all(len(y) == 9 and {_h(i) for i in x} <= good for x, y, _ in straight)
+    resumed = _take(s.train_batches(9, seed=2, num_streams=3, start_step=5), 7)
+    assert all(torch.equal(u, v) for a, b in zip(resumed, straight[5:], strict=True)
+               for u, v in zip(a, b, strict=True))
+    parts = [_take(s.train_batches(9, seed=2, num_streams=3, rank=r, world_size=3, num_workers=r), 12)
+             for r in range(3)]
+    for t in range(12):
+        x, y, p = (torch.cat([part[t][i] for part in parts]) for i in range(3))
+        order = p.argsort()
+        assert torch.equal(x[order], straight[t][0]) and torch.equal(y[order], straight[t][1])
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -435,15 +510,30 @@ def test_truncated_tar_listed_as_such(bad_copy: Path) -> None:
 
 
 def test_corrupt_bytes_fail_the_hash(bad_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Streaming checks what costs nothing (tar structure, size, count, decoding); verify also hashes."""
     shard = bad_copy / "test-000000.tar"
     data = bytearray(shard.read_bytes())
-    data[600:640] = bytes(40)
+    at = data.index(b"\x89PNG") + 60  # inside the first image's compressed pixels
+    data[at:at + 40] = bytes(40)
     shard.write_bytes(bytes(data))
-    s = ShardSet(str(bad_copy))  # same size: opening passes, reading does not
-    with pytest.raises(ShardError, match=r"test-000000.tar has a sha256 that differs"):
+    s = ShardSet(str(bad_copy))  # same size: opening passes, decoding does not
+    with pytest.raises(ShardError, match=r"test-000000.tar, key test_0+: image does not decode.*verify|skip"):
         list(s.eval_batches("test"))
     assert main(["verify", str(bad_copy)]) == 1
-    assert "test-000000.tar has a sha256" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "test-000000.tar has a sha256 that differs" in err and "image does not decode" in err
+
+
+def test_verify_finds_a_changed_byte_that_still_decodes(bad_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = bad_copy / "test-000001.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        cls = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
+    data[cls.offset_data] = ord("0") + (data[cls.offset_data] - ord("0") + 1) % 3  # another valid class
+    shard.write_bytes(bytes(data))
+    assert len(list(ShardSet(str(bad_copy)).iter_split("test"))) == 1  # reads fine: streaming does not hash
+    assert main(["verify", str(bad_copy)]) == 1
+    assert "test-000001.tar has a sha256 that differs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("member_ext", "payload", "problem"), [
@@ -532,8 +622,11 @@ def test_stream_with_no_decodable_sample_fails(bad_copy: Path) -> None:
     _rewrite_shard(bad_copy, "train-000004.tar",  # 5 samples, the only shard of stream 4 of 5
                    lambda ms: [(n, b"junk" if n.endswith(".png") else p) for n, p in ms])
     s = ShardSet(str(bad_copy), on_bad_sample="skip")
-    with pytest.warns(UserWarning), pytest.raises(ShardError, match="whole pass of virtual stream 4"):
+    with pytest.raises(ShardError, match=r"virtual stream 4, step 0: sample \S+ of shard \S+train-000004.tar "
+                                         r"and the 3 after it do not decode.*verify"):
         _take(s.train_batches(10, seed=0, num_streams=5), 2)
+    with pytest.warns(UserWarning), pytest.raises(ShardError, match=r"train-000004.tar: none of its 5 samples"):
+        list(s.iter_split("train"))  # an ordered pass notices when a whole shard is bad
 
 
 # ---------------------------------------------------------------- validation split

@@ -1,7 +1,8 @@
 """lgm_ray.sources: the real batch of a step is a function of (seed, step) and the data alone.
 
 Checked on real shards (digits, built in fixtures: 2 train shards sliced across 8 streams, and 15 train
-shards dealt whole) and on the in-memory digits source.
+shards dealt whole, also indexed as foreign shards with a validation split carved out by position) and on
+the in-memory digits source.
 """
 
 from __future__ import annotations
@@ -30,12 +31,22 @@ def dealt_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module", params=["memory", "sliced", "dealt"])
-def source(request: pytest.FixtureRequest, digits_shards: str, dealt_shards: str
+@pytest.fixture(scope="module")
+def indexed_shards(dealt_shards: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The dealt train shards indexed as shards lgm_ray did not write, with val carved out by position."""
+    from lgm_ray.shards_index import index
+
+    out = tmp_path_factory.mktemp("indexed")
+    index(f"{dealt_shards}/train-{{000000..000014}}.tar", out=str(out), val_fraction=0.1)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["memory", "sliced", "dealt", "indexed"])
+def source(request: pytest.FixtureRequest, digits_shards: str, dealt_shards: str, indexed_shards: str
            ) -> DigitsSource | ShardSource:
     if request.param == "memory":
         return DigitsSource(32)
-    return ShardSource(digits_shards if request.param == "sliced" else dealt_shards)
+    return ShardSource({"sliced": digits_shards, "dealt": dealt_shards, "indexed": indexed_shards}[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +127,9 @@ def test_fast_forward_decodes_only_where_it_lands(dealt_shards: str, digits_shar
         assert _same(late[0], early[2])
 
 
-def test_batches_do_not_depend_on_decode_workers(digits_shards: str, dealt_shards: str) -> None:
-    for root in (digits_shards, dealt_shards):
+def test_batches_do_not_depend_on_decode_workers(digits_shards: str, dealt_shards: str, indexed_shards: str
+                                                  ) -> None:
+    for root in (digits_shards, dealt_shards, indexed_shards):
         args = {"seed": 5, "start_step": 7, "rank": 1, "world_size": 2}
         inline = _take(ShardSource(root).batches(B, **args), 6)
         pooled = _take(ShardSource(root, num_workers=2).batches(B, **args), 6)
