@@ -1,0 +1,372 @@
+"""Sweeps end to end on Ray Tune, results read back through the MLflow client.
+
+Tiny runs (4 steps, a 5-epoch probe): what is tested is the machinery — the grid as Tune trials,
+MLflow runs, artifacts and tables, a two-node cluster, resume after an interruption, a failing trial —
+not the quality of the sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lgm_ray.sweep import RESULT_FILE, STATE_FILE, main
+
+pytestmark = pytest.mark.slow
+BACKBONE = "digits_simclr_cnn"
+TINY = {
+    "steps": 4,
+    "lr": 0.03,
+    "augs_per_batch": 2,
+    "syn_res": 32,
+    "real_res": 32,
+    "crop_res": 32,
+    "pyramid_extent": 2,
+    "color": False,
+    "aug_noise_p": 0.0,
+    "ckpt_every": 2,
+    "log_every": 2,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def environment(tmp_path_factory):
+    """No Ray token under $HOME, no tracking URI from the caller, a feature cache of our own."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "LGM_RAY_CACHE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["LGM_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def write_spec(folder: Path, name: str, datasets: dict, **fields) -> Path:
+    data = {
+        "name": name,
+        "datasets": datasets,
+        "backbones": [BACKBONE],
+        "config": dict(TINY),
+        "eval": {"epochs": 5, "seeds": 2},
+        "baselines": ["random", "centroids", "neighbors", "full"],
+        "storage": str(folder / "runs"),
+        "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"},
+    }
+    for k, v in fields.items():
+        if k == "config":
+            data["config"].update(v)
+        else:
+            data[k] = v
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def corrupt_copy(shards: str, dest: Path) -> str:
+    """A copy of the shards whose train tars keep their size but not their bytes (sha256 fails on read)."""
+    shutil.copytree(shards, dest)
+    for tar in dest.glob("train-*.tar"):
+        data = bytearray(tar.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 4096] = bytes(4096)
+        tar.write_bytes(bytes(data))
+    return str(dest)
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def sweep_runs(uri: str, experiment: str):
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("lgm_ray.kind") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return c, parent, children
+
+
+# ---------------------------------------------------------------- two nodes first (its own Ray)
+
+
+@pytest.mark.timeout(900)
+def test_two_node_cluster_sweep_with_ray_train_workers_in_every_trial(tmp_path, digits_shards):
+    """Two nodes of two CPUs, trials of two Ray Train workers spread over both nodes.
+
+    The cluster holds exactly two such trials at once; a trial asking a CPU for itself on top of its
+    workers would starve them (DESIGN §5), so finishing at all is part of the test.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        spec = write_spec(
+            tmp_path,
+            "two_nodes",
+            {"digits": digits_shards},
+            baselines=["centroids"],
+            ablations={"param": ["pyramid", "pixel"]},
+            config={"placement": "STRICT_SPREAD"},
+            resources={"workers": 2, "cpus_per_worker": 1},
+        )
+        assert main([str(spec), "--address", cluster.address]) == 0
+        nodes = {n["NodeID"] for n in ray.nodes()} if ray.is_initialized() else None
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    results = [
+        json.loads(p.read_text()) for p in (tmp_path / "runs" / "two_nodes").glob(f"*/run/{RESULT_FILE}")
+    ]
+    assert len(results) == 2
+    for r in results:
+        workers = r["summary"]["per_worker"]
+        assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, "one worker on each node"
+        assert nodes is None or {w["node_id"] for w in workers} <= nodes
+    _, parent, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "two_nodes")
+    trials = [r for r in children if r.data.tags["lgm_ray.kind"] == "trial"]
+    assert sorted(r.data.params["param"] for r in trials) == ["pixel", "pyramid"]
+    assert all(r.info.status == "FINISHED" and f"{BACKBONE}/top1_mean" in r.data.metrics for r in trials)
+    assert all(r.data.params["workers"] == "2" for r in trials)
+    assert parent.info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------- one local Ray for the rest
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on the loopback (it answers /health after ~30 s on this machine)."""
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not come up: {(folder / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.timeout(900)
+def test_sweep_against_an_mlflow_server_with_a_failing_dataset(
+    tmp_path, digits_shards, local_ray, mlflow_server, capsys
+):
+    broken = corrupt_copy(digits_shards, tmp_path / "broken")
+    spec = write_spec(
+        tmp_path,
+        "e2e",
+        {"digits": digits_shards, "broken": broken},
+        ablations={"param": ["pyramid", "pixel"]},
+        mlflow={"experiment": "lgm-e2e"},
+    )
+    assert main([str(spec), "--tracking-uri", mlflow_server]) == 1  # some trials failed
+    out = capsys.readouterr().out
+    assert "cross-model" in out and "FAILED broken-" in out and "2 trials finished, 2 failed" in out
+
+    c, parent, children = sweep_runs(mlflow_server, "lgm-e2e")
+    trials = {r.data.tags["lgm_ray.trial_key"]: r for r in children if r.data.tags["lgm_ray.kind"] == "trial"}
+    assert len(trials) == 4
+    good = [r for k, r in trials.items() if k.startswith("digits-")]
+    bad = [r for k, r in trials.items() if k.startswith("broken-")]
+    assert [r.info.status for r in good] == ["FINISHED"] * 2
+    assert [r.info.status for r in bad] == ["FAILED"] * 2
+    assert all("ShardError" in r.data.tags["error"] or "sha256" in r.data.tags["error"] for r in bad)
+
+    run = good[0]
+    assert run.data.params["steps"] == "4" and run.data.params["backbone"] == BACKBONE
+    assert run.data.params["dataset"] == "digits" and run.data.params["eval.epochs"] == "5"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "meta_loss")] == [1, 2, 3, 4]
+    for m in ("top1_mean", "top1_std", "top5_mean", "top5_std"):
+        assert 0 <= run.data.metrics[f"{BACKBONE}/{m}"] <= 100
+    assert run.data.metrics["images_per_s"] > 0
+    assert f"neighbors/{BACKBONE}/top1_mean" in run.data.metrics
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"synset.pt", "grid.png", "config.yaml", "grids"} <= artifacts
+    assert c.list_artifacts(run.info.run_id, "grids"), "grids saved along the way"
+
+    baselines = [r for r in children if r.data.tags["lgm_ray.kind"] == "baseline"]
+    assert sorted(
+        r.data.tags["baseline"]
+        for r in baselines
+        if r.data.tags["dataset"] == "digits" and r.info.status == "FINISHED"
+    ) == ["centroids", "full", "random"]
+    assert any(r.info.status == "FAILED" for r in baselines if r.data.tags["dataset"] == "broken")
+
+    assert parent.info.status == "FINISHED"
+    tables = {a.path for a in c.list_artifacts(parent.info.run_id, "tables")}
+    assert {
+        "tables/cross_model_digits.md",
+        "tables/cross_model_digits.parquet",
+        "tables/cross_model_digits.png",
+        "tables/ablation_digits.md",
+        "tables/ablation_digits.parquet",
+        "tables/results.parquet",
+    } <= tables
+    import mlflow
+    import pandas as pd
+
+    local = mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id,
+        artifact_path="tables",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=mlflow_server,
+    )
+    wide = pd.read_parquet(Path(local) / "cross_model_digits.parquet").set_index("training set")
+    assert {
+        f"distilled: {BACKBONE} [param=pyramid]",
+        f"distilled: {BACKBONE} [param=pixel]",
+        "centroids",
+        "neighbors [param=pyramid]",
+        "random",
+        "full",
+    } <= set(wide.index)
+    pyramid = trials[f"digits-{BACKBONE}-param=pyramid-seed0"]
+    assert wide.loc[f"distilled: {BACKBONE} [param=pyramid]", f"{BACKBONE}_mean"] == pytest.approx(
+        pyramid.data.metrics[f"{BACKBONE}/top1_mean"]
+    )
+    assert wide.loc["full", f"{BACKBONE}_mean"] > 50  # the full-data probe on digits
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, digits_shards, local_ray):
+    spec = write_spec(
+        tmp_path,
+        "resume",
+        {"digits": digits_shards},
+        baselines=["full"],
+        seeds=[0, 1, 2],
+        resources={"max_concurrent_trials": 1},
+        config={"steps": 8, "step_delay": 0.4},
+    )
+    sweep_dir = tmp_path / "runs" / "resume"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lgm_ray.sweep", str(spec), "--address", local_ray],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    done, started = None, None
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        finished = list(sweep_dir.glob(f"*/run/{RESULT_FILE}"))
+        ckpts = [
+            p for p in sweep_dir.glob("*/run/checkpoints/step_*") if not (p.parents[1] / RESULT_FILE).exists()
+        ]
+        if finished and ckpts:
+            done, started = finished[0], ckpts[0].parents[1]
+            break
+        time.sleep(0.2)
+    if done is None:
+        proc.kill()
+        pytest.fail(f"no trial finished in time: {proc.communicate()[0][-3000:]}")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    before = done.read_text(), done.stat().st_mtime_ns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, parent, _ = sweep_runs(uri, "resume")
+    assert parent.info.status == "KILLED"
+
+    assert main([str(spec)]) == 2  # an existing sweep is never overwritten without --resume
+    assert main([str(spec), "--resume"]) == 0
+    assert (done.read_text(), done.stat().st_mtime_ns) == before, "a finished trial was run again"
+    results = {p.parents[1].name: json.loads(p.read_text()) for p in sweep_dir.glob(f"*/run/{RESULT_FILE}")}
+    assert len(results) == 3
+    assert results[started.parent.name]["resumed_from_step"] >= 2, (
+        "the interrupted trial continued its checkpoint"
+    )
+    assert len(results[started.parent.name]["summary"]["losses"]) == 8
+    _, parent, children = sweep_runs(uri, "resume")
+    trials = [r for r in children if r.data.tags["lgm_ray.kind"] == "trial"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)  # no duplicate runs
+    assert parent.info.status == "FINISHED"
+    assert json.loads((sweep_dir / STATE_FILE).read_text())["parent_run_id"] == parent.info.run_id
+
+
+def test_bad_specs_fail_before_any_trial(tmp_path, digits_shards, local_ray, capsys):
+    bad = write_spec(tmp_path, "bad", {"digits": digits_shards}, ablations={"parma": ["pixel"]})
+    assert main([str(bad)]) == 2
+    assert "did you mean 'param'" in capsys.readouterr().err
+    gpu = write_spec(
+        tmp_path, "gpu", {"digits": digits_shards}, resources={"workers": 0, "gpus_per_worker": 1}
+    )
+    assert main([str(gpu)]) == 2
+    assert "resources:" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "gpu").exists(), "nothing was written, no trial started"
+    missing = write_spec(tmp_path, "missing", {"digits": str(tmp_path / "nowhere")})
+    assert main([str(missing)]) == 2
+    assert "no shard set" in capsys.readouterr().err

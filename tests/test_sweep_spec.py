@@ -1,0 +1,185 @@
+"""Sweep specs: the shipped specs, the grid, and one clear error for every bad spec (no Ray here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lgm_ray.backbones import list_backbones
+from lgm_ray.sweep_spec import Resources, SpecError, check_resources, eval_defaults, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = [b for b in list_backbones() if b.startswith("digits_")]
+
+
+def spec(tmp_path, **fields):
+    """A small valid spec mapping (no shard check needed), updated with ``fields``."""
+    data = {
+        "name": "t",
+        "datasets": {"digits": str(tmp_path / "shards")},
+        "backbones": ["digits_simclr_cnn"],
+        "storage": str(tmp_path / "runs"),
+    }
+    data.update(fields)
+    return data
+
+
+def fails(tmp_path, match: str, check_paths: bool = False, **fields) -> str:
+    with pytest.raises(SpecError, match=match) as info:
+        parse_spec(spec(tmp_path, **fields), check_paths=check_paths, cwd=tmp_path)
+    return str(info.value)
+
+
+def test_demo_spec_resolves_from_the_run_config_and_the_registry():
+    s = load_spec(ROOT / "sweeps" / "demo.yaml", cwd=ROOT, check_paths=False)
+    assert s.backbones == DIGITS and s.eval_backbones == DIGITS
+    assert s.ablations == [{"param": p, "aug": a} for p in ("pyramid", "pixel") for a in ("standard", "none")]
+    base = s.base_config()
+    assert base.lr == 0.03 and base.syn_res == 32  # from configs/digits_demo.yaml
+    assert base.steps == 240  # the spec's override wins over the file
+    assert s.datasets[0].shards == str(ROOT / "shards" / "digits") and s.datasets[0].build == "digits"
+    points = s.grid()
+    assert len(points) == len(DIGITS) + 3  # every backbone at the first point, the ablations on one
+    assert len({p.key for p in points}) == len(points)
+    pixel_off = next(p for p in points if p.ablation == {"param": "pixel", "aug": "none"})
+    cfg = pixel_off.resolved(out="x")
+    assert (cfg.param, cfg.aug, cfg.steps, cfg.shards) == ("pixel", "none", 240, s.datasets[0].shards)
+    assert pixel_off.ablation_label == "param=pixel, aug=none"
+    assert s.eval_kwargs()["epochs"] == 1000 and s.eval_kwargs()["seeds"] == 3
+
+
+def test_paper_specs_name_the_paper_grids():
+    cross = load_spec(ROOT / "sweeps" / "cross_model.yaml", cwd=ROOT, check_paths=False)
+    assert {"dinov2_vitb14", "eva02_vitb14", "mocov3_vitb16"} <= set(cross.backbones)
+    assert any(b.startswith("clip_vitb") for b in cross.backbones) and len(cross.backbones) == 4
+    assert cross.eval_backbones == cross.backbones
+    assert cross.paper, "the spec records the paper's numbers it should reproduce"
+    abl = load_spec(ROOT / "sweeps" / "ablation.yaml", cwd=ROOT, check_paths=False)
+    labels = {p.ablation_label for p in abl.grid()}
+    assert len(labels) == 4  # full, − colour, − pyramid, − augmentation
+    assert abl.paper
+
+
+def test_ablation_backbones_ablate_some_backbones_only(tmp_path):
+    s = parse_spec(
+        spec(
+            tmp_path,
+            backbones=["digits_simclr_cnn", "dinov2_vitb14"],
+            ablations={"param": ["pyramid", "pixel"], "aug": ["standard", "none"]},
+            ablation_backbones=["dinov2_vitb14"],
+        ),
+        check_paths=False,
+    )
+    got = sorted((p.backbone, p.ablation_label) for p in s.grid())
+    assert got == sorted(
+        [("digits_simclr_cnn", "param=pyramid, aug=standard")]
+        + [
+            ("dinov2_vitb14", f"param={p}, aug={a}")
+            for p in ("pyramid", "pixel")
+            for a in ("standard", "none")
+        ]
+    )
+    fails(tmp_path, "ablation_backbones: .*not distillation backbones", ablation_backbones=["dinov2_vitb14"])
+
+
+def test_grid_sets_only_the_overrides_so_a_preset_still_applies(tmp_path):
+    s = parse_spec(
+        spec(tmp_path, config={"preset": "reference"}, ablations={"normalization": ["native"]}, seeds=[0, 1]),
+        check_paths=False,
+    )
+    points = s.grid()
+    assert [p.seed for p in points] == [0, 1]
+    cfg = points[0].resolved()
+    assert cfg.steps == 5001  # from the preset: the grid did not fill in the plain defaults
+    assert cfg.normalization == "native"  # the axis, given explicitly, wins over the preset
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"ablation": {"param": ["pixel"]}}, "unknown key 'ablation'.*did you mean 'ablations'"),
+        ({"config": {"stpes": 3}}, "unknown run field 'stpes'.*did you mean 'steps'"),
+        ({"ablations": {"parma": ["pixel"]}}, "unknown run field 'parma'.*did you mean 'param'"),
+        ({"resources": {"worker": 1}}, r"resources: unknown key 'worker'.*did you mean 'workers'"),
+        ({"eval": {"epoch": 3}}, "eval: unknown key 'epoch'.*did you mean 'epochs'"),
+        ({"mlflow": {"tracking": "x"}}, "mlflow: unknown key 'tracking'.*tracking_uri"),
+        ({"baselines": ["centroid"]}, "unknown baseline 'centroid'.*did you mean 'centroids'"),
+    ],
+)
+def test_unknown_keys_name_the_nearest_valid_one(tmp_path, fields, match):
+    fails(tmp_path, match, **fields)
+
+
+def test_unknown_backbone_lists_the_known_ones(tmp_path):
+    msg = fails(tmp_path, "backbones: unknown backbone 'dinov2_vitb16'", backbones=["dinov2_vitb16"])
+    assert "dinov2_vitb14" in msg and "digits_simclr_cnn" in msg
+    fails(tmp_path, "eval_backbones: unknown backbone 'nope_.*'", eval_backbones=["nope_*"])
+
+
+def test_empty_axis_bad_values_and_grid_fields_name_the_field(tmp_path):
+    fails(tmp_path, "ablations.param has no values", ablations={"param": []})
+    fails(tmp_path, r"ablations\.param.*'voxel'.*pyramid", ablations={"param": ["pyramid", "voxel"]})
+    fails(tmp_path, "config.steps.*'many'", config={"steps": "many"})
+    fails(tmp_path, r"config\.lr.*must be > 0", config={"lr": -1.0})
+    fails(tmp_path, "'backbone' is set by the sweep grid; use backbones", config={"backbone": "x"})
+    fails(tmp_path, "'seed' is set by the sweep grid; use seeds", ablations={"seed": [0, 1]})
+    fails(tmp_path, "ablations.aug lists a value twice", ablations={"aug": ["none", "none"]})
+    fails(tmp_path, "seeds.*twice", seeds=[1, 1])
+    fails(tmp_path, "backbones is empty", backbones=[])
+    fails(tmp_path, "eval.epochs.*≥ 1", eval={"epochs": 0})
+    fails(tmp_path, "resources.workers.*≥ 0", resources={"workers": -1})
+    fails(tmp_path, "storage.*shared", storage="s3://bucket/x")
+
+
+def test_missing_shards_fail_with_the_build_command(tmp_path, digits_shards):
+    msg = fails(tmp_path, "datasets.digits: no shard set", check_paths=True)
+    assert "python -m lgm_ray.shards build digits" in msg
+    # a folder that can be built offline is fine: the driver builds it before the sweep
+    parse_spec(spec(tmp_path, datasets={"digits": {"shards": str(tmp_path / "s"), "build": "digits"}}))
+    fails(
+        tmp_path,
+        "datasets.digits.build = 'imagefolder'",
+        datasets={"digits": {"shards": "x", "build": "imagefolder"}},
+    )
+    ok = parse_spec(spec(tmp_path, datasets={"digits": digits_shards}))
+    assert ok.datasets[0].shards == digits_shards
+
+
+def test_relative_paths_are_made_absolute_from_the_working_directory(tmp_path):
+    s = parse_spec(
+        spec(tmp_path, datasets={"d": "shards/d"}, storage="runs"), cwd=tmp_path, check_paths=False
+    )
+    assert s.datasets[0].shards == str(tmp_path / "shards" / "d")
+    assert s.sweep_dir == tmp_path / "runs" / "t"
+
+
+def test_eval_defaults_come_from_evaluate():
+    import inspect
+
+    from lgm_ray.evaluate import evaluate
+
+    params = inspect.signature(evaluate).parameters
+    assert eval_defaults()["epochs"] == params["epochs"].default
+    assert eval_defaults()["seeds"] == params["seeds"].default
+
+
+def test_resources_the_cluster_can_never_provide():
+    mem = 8 << 30
+    one_node = [{"CPU": 2.0, "memory": mem}]
+    # in-process trials: one CPU each → two at once on two cores
+    assert check_resources(Resources(workers=0, cpus_per_worker=1), one_node) == 2
+    with pytest.raises(SpecError, match="the trial itself asks for .*'CPU': 4"):
+        check_resources(Resources(workers=0, cpus_per_worker=4), one_node)
+    with pytest.raises(SpecError, match="asks for .*GPU.*no node of the cluster"):
+        check_resources(Resources(workers=2, gpus_per_worker=1), one_node)
+    two_nodes = [{"CPU": 2.0, "memory": mem}, {"CPU": 2.0, "memory": mem}]
+    # K workers: the trial itself holds no CPU (DESIGN §5), so 3 workers fit on 4 CPUs, once
+    assert Resources(workers=3).trial_resources() == {"cpu": 0, "memory": 1 << 20}
+    assert check_resources(Resources(workers=3), two_nodes) == 1
+    assert check_resources(Resources(workers=2), two_nodes) == 2
+    with pytest.raises(SpecError, match="one trial needs 5 workers"):
+        check_resources(Resources(workers=5), two_nodes)
+    gpu_nodes = [{"CPU": 8.0, "GPU": 4.0, "memory": mem}] * 2
+    # GPU workers: the trial holds one GPU of its own for its evaluations
+    assert check_resources(Resources(workers=3, gpus_per_worker=1), gpu_nodes) == 2
