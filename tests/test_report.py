@@ -1,0 +1,505 @@
+"""The sweep report: built from a sweep folder and from MLflow, checked as files, in headless Chromium,
+and in the MLflow UI served by ``mlflow server``.
+
+The sweep folder is made here in :mod:`lgm_ray.sweep`'s layout (no Ray, no distillation): three
+finished trials — the demo backbone on two ablation points, and a second distillation backbone that
+is not in the registry (its embedding map is skipped, as for a set whose backbone is not at hand) —
+one failed trial, three baselines, all logged to MLflow as the sweep logs them
+(:func:`lgm_ray.sweep.log_trial_result`). Known numbers go in; the tests look for them on the page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lgm_ray.report import ReportError, build_report, main, paper_comparison
+
+BACKBONE = "digits_simclr_cnn"
+OTHER = "digits_other_vit"  # a distillation backbone of the sweep that this machine does not have
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+EXPERIMENT = "report-test"
+# (backbone, ablation point, top-1 per probe seed on BACKBONE, on OTHER)
+TRIALS = [
+    (BACKBONE, {}, [80.0, 82.0], [70.0, 70.0]),
+    (BACKBONE, {"param": "pixel"}, [60.0, 64.0], [50.0, 54.0]),
+    (OTHER, {}, [40.0, 44.0], [90.0, 92.0]),
+]
+BASELINES = {"random": [20.0, 30.0], "centroids": [50.0, 52.0], "full": [97.0, 97.0]}
+PAPER = {"columns": [BACKBONE, OTHER, "avg"], "distilled": [63.0, 75.0, 69.0], "random": [31.7, 50.3, 41.0]}
+STEPS = (10, 20, 30)
+
+
+def _label(ablation: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in ablation.items()) or "default"
+
+
+def _key(backbone: str, ablation: dict) -> str:
+    return "-".join(["digits", backbone, *(f"{k}={v}" for k, v in ablation.items()), "seed0"])
+
+
+def _eval(top1: list[float]) -> dict:
+    mean = sum(top1) / len(top1)
+    std = (sum((v - mean) ** 2 for v in top1) / len(top1)) ** 0.5
+    return {"top1_per_seed": top1, "top5_per_seed": [100.0] * len(top1), "top1_mean": mean, "top1_std": std,
+            "top5_mean": 100.0, "top5_std": 0.0}
+
+
+def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS, name: str = "report_test",
+               steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT) -> Path:
+    """A sweep folder in lgm_ray.sweep's layout, logged to MLflow as the sweep logs it when ``tracking_uri``."""
+    from lgm_ray.distill import save_grid
+    from lgm_ray.seeds import generator
+    from lgm_ray.synset import synset_payload
+    from lgm_ray.tracking import Tracker
+
+    sweep = root / name
+    sweep.mkdir(parents=True)
+    backbones = list(dict.fromkeys(b for b, *_ in trials))
+    ablations = list({_label(a): a for _, a, *_ in trials}.values())
+    spec = {"name": name, "description": "a made-up sweep for the report tests",
+            "datasets": {"digits": {"shards": shards, "build": None}}, "backbones": backbones,
+            "eval_backbones": [BACKBONE, OTHER], "ablations": ablations, "seeds": [0],
+            "baselines": list(BASELINES), "eval": {"epochs": 10, "seeds": 2, "split": "test"}, "paper": PAPER}
+    (sweep / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    grid = {_key(b, a): {"key": _key(b, a), "dataset": "digits", "backbone": b, "seed": 0, "ablation": a,
+                         "config": {}} for b, a, *_ in trials}
+    if failed:  # and one point that has not started yet
+        for a in ({"param": "broken"}, {"param": "later"}):
+            grid[_key(BACKBONE, a)] = {"key": _key(BACKBONE, a), "dataset": "digits", "backbone": BACKBONE,
+                                       "seed": 0, "ablation": a, "config": {}}
+    (sweep / "trials.json").write_text(json.dumps(grid))
+    tracker = parent = exp = None
+    if tracking_uri:
+        tracker = Tracker(tracking_uri)
+        exp = tracker.experiment(experiment)
+        parent = tracker.start_parent(exp, name)
+        tracker.log_artifact(parent, sweep / "spec.yaml")
+        (sweep / "sweep_state.json").write_text(json.dumps(
+            {"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": exp, "parent_run_id": parent}))
+    for backbone, ablation, top1_own, top1_other in trials:
+        key = _key(backbone, ablation)
+        run = sweep / key / "run"
+        (run / "grids").mkdir(parents=True)
+        cfg = {"backbone": backbone, "shards": shards, "seed": 0, "real_res": 32, "crop_res": 32,
+               "normalization": "native", "weights": None, "ipc": 1, "param": "pyramid", **ablation}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        for step in steps:
+            g = generator("report-test", key, step)
+            save_grid(torch.rand(10, 3, 32, 32, generator=g), run / "grids" / f"step_{step:07d}.png", 1)
+        images = torch.rand(10, 3, 32, 32, generator=generator("report-test", key))
+        torch.save(synset_payload(images, torch.arange(10), class_names=CLASS_NAMES, num_classes=10, config=cfg,
+                                  backbone=backbone, steps=steps[-1]), run / "synset.pt")
+        save_grid(images, run / "grid.png", 1)
+        losses = [1.0 - 0.5 * i / n_losses + 0.01 * (i % 3) for i in range(n_losses)]
+        result = {"key": key, "dataset": "digits", "backbone": backbone, "seed": 0, "ablation": _label(ablation),
+                  "ablation_values": ablation,
+                  "summary": {"steps": steps[-1], "final_loss": losses[-1], "losses": losses, "seconds": 1.0,
+                              "images_per_s": 100.0},
+                  "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}}
+        (run / "result.json").write_text(json.dumps(result))
+        if tracker:
+            from lgm_ray.sweep import log_trial_result
+
+            child = tracker.child(exp, parent, key, tags={"dataset": "digits", "distill_backbone": backbone})
+            log_trial_result(tracker, child, run)
+            tracker.finish(child)
+    if failed:
+        key = _key(BACKBONE, {"param": "broken"})
+        run = sweep / key / "run"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"backbone": BACKBONE, "shards": shards, "seed": 0}))
+        (run / "error.txt").write_text("Traceback ...\nShardError: shard test-000000.tar: sha256 mismatch\n")
+        if tracker:
+            tracker.fail(tracker.child(exp, parent, key), (run / "error.txt").read_text())
+    (sweep / "baselines").mkdir()
+    for kind, top1 in BASELINES.items():
+        rec = {"dataset": "digits", "baseline": kind, "backbone": BACKBONE, **_eval(top1)}
+        (sweep / "baselines" / f"digits__{BACKBONE}__{kind}.json").write_text(json.dumps(rec))
+        if tracker:
+            run_id = tracker.child(exp, parent, f"baseline-digits-{BACKBONE}-{kind}", kind="baseline",
+                                   tags={"dataset": "digits", "eval_backbone": BACKBONE, "baseline": kind})
+            tracker.log_metrics(run_id, {m: rec[m] for m in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+            tracker.finish(run_id)
+    if tracker:
+        tracker.finish(parent)
+    return sweep
+
+
+class _Page(HTMLParser):
+    """What a page shows: every <img> src, <a> href, figure caption, and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs, self.links, self.captions, self.tags, self.text = [], [], [], [], []
+        self._caption = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "a":
+            self.links.append(a.get("href", ""))
+        self._caption = tag == "figcaption"
+
+    def handle_endtag(self, tag):
+        self._caption = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._caption:
+            self.captions.append(data.strip())
+
+
+def parse(path: Path) -> _Page:
+    p = _Page()
+    p.feed(path.read_text(encoding="utf-8"))
+    p.all_text = " ".join(p.text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, digits_shards, store):
+    return make_sweep(tmp_path_factory.mktemp("sweeps"), digits_shards, store)
+
+
+@pytest.fixture(scope="module")
+def report(sweep_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report_out") / "report"
+    t0 = time.perf_counter()
+    index = build_report(sweep_dir, out)
+    print(f"report of {sweep_dir}: {index} in {time.perf_counter() - t0:.1f} s")
+    return index
+
+
+KEYS = [_key(b, a) for b, a, *_ in TRIALS]
+
+
+def test_page_is_self_contained_and_every_picture_resolves(report):
+    page = parse(report)
+    assert page.imgs, "no image on the page"
+    for src in page.imgs:
+        assert src.startswith("data:image/webp;base64,") or (report.parent / src).is_file(), src[:80]
+    ids = {a["id"] for _, a in page.tags if "id" in a}
+    for href in page.links:
+        if href.startswith("#"):
+            assert href[1:] in ids, f"broken anchor {href}"
+        else:
+            assert (report.parent / urllib.parse.unquote(href)).is_file(), f"broken link {href}"
+    assert not [t for t, _ in page.tags if t in ("script", "link", "iframe", "object")]
+    external = [a for _, a in page.tags for k in ("src", "href") if re.match(r"(https?:)?//", a.get(k) or "")]
+    assert not external
+    # every gallery thumbnail links to its full-size file
+    full = [h for h in page.links if h.startswith("images/") and "/steps/" not in h]
+    assert len(full) == 10 * len(TRIALS)
+    from PIL import Image
+
+    with Image.open(report.parent / full[0]) as im:
+        assert im.size == (32, 32)
+
+
+def test_gallery_evolution_tables_and_paper_numbers_on_the_page(report):
+    page = parse(report)
+    # class names under the images: each class once per finished trial
+    for name in CLASS_NAMES:
+        assert page.captions.count(name) == len(TRIALS)
+    # evolution: every saved step of one set per (dataset, backbone) shown, the other sets' steps linked
+    for step in STEPS:
+        assert page.captions.count(f"step {step}") == 2
+        assert f"images/{KEYS[1]}/steps/step_{step:07d}.png" in page.links
+    text = page.all_text
+    # cross-model: mean ± std (population std over probe seeds), baselines as rows
+    for cell in ("81.00 ± 1.00", "62.00 ± 2.00", "42.00 ± 2.00", "91.00 ± 1.00", "25.00 ± 5.00", "97.00 ± 0.00"):
+        assert cell in text, cell
+    # beside the paper: ours / paper (distilled = the same-model diagonal)
+    assert "81.00 / 63.0" in text and "91.00 / 75.0" in text and "25.00 / 31.7" in text
+    # ablation table: same-model and cross-model means per point
+    assert re.search(r"param=pixel\s*62\.00\s*52\.00", text)
+    # the failed trial, with its error, and the one not started
+    assert re.search(rf"{re.escape(_key(BACKBONE, {'param': 'broken'}))}\s*failed\s*ShardError: .*sha256 mismatch",
+                     text)
+    assert re.search(rf"{re.escape(_key(BACKBONE, {'param': 'later'}))}\s*unfinished", text)
+    assert "3 trials finished, 1 failed, 1 unfinished" in " ".join(text.split())
+    # embedding: numbers for the demo backbone's sets, a clear note for the backbone not at hand
+    assert "median percentile" in text
+    assert re.search(rf"{re.escape(_key(OTHER, {}))}: no embedding map \(.*unknown backbone", text)
+
+
+def test_figures_are_png_plus_parquet_with_the_numbers(report):
+    import pandas as pd
+
+    figs = report.parent / "figures"
+    for name in ("cross_model_digits", "ablation_digits", "meta_loss", "gallery_digits", "paper_digits"):
+        assert (figs / f"{name}.png").stat().st_size > 1000 and (figs / f"{name}.parquet").is_file()
+    cross = pd.read_parquet(figs / "cross_model_digits.parquet").set_index("training set")
+    assert cross.loc[f"distilled: {BACKBONE} [default]", f"{BACKBONE}_mean"] == pytest.approx(81.0)
+    assert cross.loc[f"distilled: {OTHER} [default]", f"{OTHER}_std"] == pytest.approx(1.0)
+    assert cross.loc["random", f"{BACKBONE}_mean"] == pytest.approx(25.0)
+    losses = pd.read_parquet(figs / "meta_loss.parquet")
+    assert sorted(losses["trial"].unique()) == sorted(KEYS) and len(losses) == 30 * len(TRIALS)
+    paper = pd.read_parquet(figs / "paper_digits.parquet").set_index(["row", "column"])
+    assert paper.loc[("distilled", "avg"), "ours"] == pytest.approx((81.0 + 91.0) / 2)
+    assert paper.loc[("distilled", "avg"), "paper"] == 69.0
+    periphery = pd.read_parquet(figs / "periphery_summary.parquet").set_index("trial")
+    assert sorted(periphery.index) == sorted(KEYS[:2])  # the two sets of the backbone at hand
+    per_image = pd.read_parquet(figs / "periphery.parquet")
+    assert len(per_image) == 20 and per_image["percentile"].between(0, 100).all()
+    for key in KEYS[:2]:
+        assert (figs / "embedding" / f"{key}.png").is_file()
+        assert (figs / "evolution" / f"{key}.png").is_file()
+
+
+def test_figures_are_artifacts_of_the_parent_run_and_maps_of_the_child_runs(report, sweep_dir, store):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from lgm_ray.tracking import Tracker
+
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    client = MlflowClient(store)
+    parent = state["parent_run_id"]
+    figures = {a.path for a in client.list_artifacts(parent, "report/figures")}
+    for name in ("cross_model_digits", "ablation_digits", "meta_loss", "gallery_digits"):
+        assert {f"report/figures/{name}.png", f"report/figures/{name}.parquet"} <= figures
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent, "report")}
+    summary = pd.read_parquet(report.parent / "figures" / "periphery_summary.parquet").set_index("trial")
+    child = Tracker(store).find_child(state["experiment_id"], parent, KEYS[0])
+    got = client.get_run(child).data.metrics
+    assert got["periphery/median_percentile"] == pytest.approx(summary.loc[KEYS[0], "median_percentile"])
+    assert f"report/{KEYS[0]}.png" in {a.path for a in client.list_artifacts(child, "report")}
+
+
+def test_report_from_the_mlflow_experiment_alone(sweep_dir, store, tmp_path, digits_shards):
+    out = tmp_path / "from_mlflow"
+    index = build_report(EXPERIMENT, out, store, cache_dir=sweep_dir / "feature_cache", log_mlflow=False)
+    page = parse(index)
+    for name in CLASS_NAMES:
+        assert page.captions.count(name) == len(TRIALS)
+    assert page.captions.count("step 20") == 2
+    for cell in ("81.00 ± 1.00", "62.00 ± 2.00", "25.00 ± 5.00", "81.00 / 63.0"):
+        assert cell in page.all_text
+    assert "sha256 mismatch" in page.all_text  # the failed child run's error tag
+
+
+def test_bad_sources_and_folders_fail_with_one_message(tmp_path, capsys, store, sweep_dir):
+    with pytest.raises(ReportError, match="no MLflow store"):
+        build_report("no-such-sweep", tmp_path / "a", f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(ReportError, match="neither a sweep folder nor an MLflow experiment"):
+        build_report("no-such-experiment", tmp_path / "b", store)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ReportError, match="holds other files"):
+        build_report(sweep_dir, tmp_path / "c", log_mlflow=False, embeddings=False)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ReportError, match="not a sweep folder"):
+        build_report(tmp_path / "d", tmp_path / "e")
+    assert main([str(tmp_path / "d"), "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+
+
+def test_paper_comparison_of_an_ablation_table():
+    import pandas as pd
+
+    abl = pd.DataFrame({"same-model": [80.0, 70.0], "cross-model": [60.0, float("nan")]},
+                       index=pd.Index(["default", "aug=none"], name="ablation"))
+    paper = {"columns": ["same-model", "cross-model"], "default": [87.2, 77.8], "aug=none": [68.6, 33.3],
+             "color=false": [86.5, 76.4]}
+    cmp = paper_comparison(paper, None, abl).set_index(["row", "column"])
+    assert (cmp["table"] == "ablation").all()
+    assert cmp.loc[("default", "same-model"), "delta"] == pytest.approx(80.0 - 87.2)
+    assert cmp.loc[("aug=none", "same-model"), "ours"] == 70.0
+    assert pd.isna(cmp.loc[("aug=none", "cross-model"), "ours"])
+    assert pd.isna(cmp.loc[("color=false", "same-model"), "ours"])  # not in the sweep
+    assert paper_comparison({"note": "free text"}, None, abl) is None
+
+
+@pytest.mark.slow
+def test_page_of_100_trials_stays_under_20_mb(tmp_path, digits_shards, report):
+    """100 demo-sized trials (10 classes, 32 px, 8 step grids, 240 losses); the embedding maps are measured
+    on the report above and added (one per trial), since computing 100 of them here would take minutes."""
+    trials = [(BACKBONE, {"lr": f"0.{i:03d}"}, [50.0 + i % 7, 51.0], [40.0, 41.0]) for i in range(100)]
+    sweep = make_sweep(tmp_path, digits_shards, None, trials=trials, steps=tuple(range(30, 241, 30)),
+                       n_losses=240, failed=False)
+    t0 = time.perf_counter()
+    index = build_report(sweep, tmp_path / "report", embeddings=False, log_mlflow=False)
+    seconds = time.perf_counter() - t0
+    page = parse(index)
+    assert len(page.captions) == 100 * 10 + 8  # every class of every trial; the steps of one set
+    assert len([h for h in page.links if "/steps/" in h]) == 100 * 8  # the steps of every set, linked
+    maps = [a["src"] for t, a in parse(report).tags if t == "img" and "embedding map" in a.get("alt", "")]
+    assert len(maps) == 2
+    per_map = max(len(s) for s in maps)
+    size = index.stat().st_size + 100 * per_map
+    print(f"100 trials: page {index.stat().st_size / 1e6:.1f} MB without maps, {size / 1e6:.1f} MB with 100 "
+          f"embedding maps ({per_map / 1e3:.0f} kB each), built in {seconds:.1f} s")
+    assert size < 20e6
+
+
+# ---------------------------------------------------------------- in a browser
+
+
+def chromium() -> str:
+    exe = os.environ.get("LGM_RAY_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        pytest.skip("chromium is not installed: run .ci/chromium.sh (apt-get install chromium) for the browser "
+                    "checks, or set LGM_RAY_CHROMIUM")
+    return exe
+
+
+def run_chromium(url: str, tmp: Path, *, screenshot: Path | None = None, budget_ms: int = 5000,
+                 size: str = "1400,3000", timeout: float = 180) -> tuple[str, str]:
+    """``chromium --headless``: the DOM after ``budget_ms`` of virtual time, and a screenshot; (dom, stderr)."""
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={Path(tmp) / f'profile-{time.monotonic_ns()}'}",
+           f"--window-size={size}", f"--virtual-time-budget={budget_ms}", "--enable-logging=stderr", "--v=0"]
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        cmd.append(f"--screenshot={screenshot}")
+    done = subprocess.run([*cmd, "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if screenshot is not None:
+        assert screenshot.stat().st_size > 10_000, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
+# Added to a copy of the page for the check only (the report itself has no script): after load, the
+# <body> records every image that did not decode and every error the page raised.
+CHECK = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.src) || e)),
+                        true);
+window.addEventListener('load', () => {
+  const broken = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt || i.src);
+  document.body.setAttribute('data-images', String(document.images.length));
+  document.body.setAttribute('data-broken', JSON.stringify(broken));
+  document.body.setAttribute('data-errors', JSON.stringify(window.__errors));
+});
+</script>"""
+
+
+def test_report_in_headless_chromium(report, tmp_path):
+    exe = chromium()
+    checked = report.with_name("_browser_check.html")
+    checked.write_text(report.read_text(encoding="utf-8").replace("<head>", "<head>" + CHECK, 1), encoding="utf-8")
+    shot = report.parent / "screenshots" / "report.png"
+    dom, log = run_chromium(checked.as_uri(), tmp_path, screenshot=shot, size="1400,6000")
+    checked.unlink()
+    print(f"{exe}: screenshot {shot}")
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = {k: json.loads(v.replace("&quot;", '"')) for k, v in re.findall(r'data-(\w+)="([^"]*)"', body)}
+    assert attrs["images"] == len(parse(report).imgs) > 40
+    assert attrs["broken"] == [], attrs["broken"]
+    assert attrs["errors"] == [], attrs["errors"]
+    assert not re.findall(r"CONSOLE|Uncaught", log), log
+    page = _Page()
+    page.feed(dom)
+    for name in CLASS_NAMES:
+        assert page.captions.count(name) == len(TRIALS)
+    text = " ".join(page.text)
+    assert "81.00 ± 1.00" in text and "25.00 ± 5.00" in text and "81.00 / 63.0" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **params) -> dict:
+    with urllib.request.urlopen(f"{base}{endpoint}?{urllib.parse.urlencode(params)}", timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on loopback with its own SQLite store and artifact root (about 30 s to /health)."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker: the session this fixture started
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_the_sweep_and_shows_a_child_grid(mlflow_server, tmp_path, digits_shards):
+    """The sweep and its report logged over HTTP; checked through the REST API the UI calls, then in the UI."""
+    base = mlflow_server
+    sweep = make_sweep(tmp_path, digits_shards, base, trials=TRIALS[:2], name="ui_test", experiment="ui-test")
+    build_report(sweep, tmp_path / "report", embeddings=False)
+    state = json.loads((sweep / "sweep_state.json").read_text())
+    exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="ui-test")["experiment"]
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        runs = json.loads(r.read())["runs"]
+    names = {r["info"]["run_name"]: r["info"]["run_id"] for r in runs}
+    keys = [_key(b, a) for b, a, *_ in TRIALS[:2]]
+    assert {"ui_test", *keys} <= set(names) and len(runs) == 1 + 2 + 1 + len(BASELINES)
+    child = names[keys[0]]
+    assert "grid.png" in {f["path"] for f in _get(base, "/api/2.0/mlflow/artifacts/list", run_id=child)["files"]}
+    parent_figs = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=state["parent_run_id"], path="report/figures")
+    assert "report/figures/cross_model_digits.png" in {f["path"] for f in parent_figs["files"]}
+
+    shots = tmp_path / "report" / "screenshots"
+    dom, _ = run_chromium(f"{base}/#/experiments/{exp['experiment_id']}/runs", tmp_path, budget_ms=25000,
+                          screenshot=shots / "mlflow_experiment.png", size="1400,1000")
+    assert "ui_test" in dom  # the sweep's parent run, its children folded under it …
+    assert re.search(rf"<strong>{len(runs)}</strong>\s*matching runs", dom)  # … and every run counted
+    dom, _ = run_chromium(f"{base}/#/experiments/{exp['experiment_id']}/runs/{child}/artifacts/grid.png", tmp_path,
+                          budget_ms=25000, screenshot=shots / "mlflow_child_grid.png", size="1400,1000")
+    assert keys[0] in dom
+    assert re.search(r'<img[^>]*alt="grid.png"[^>]*src="blob:', dom)  # the UI fetched and shows the grid
+    parent = state["parent_run_id"]
+    dom, _ = run_chromium(f"{base}/#/experiments/{exp['experiment_id']}/runs/{parent}/artifacts/report/figures/"
+                          f"cross_model_digits.png", tmp_path, budget_ms=25000,
+                          screenshot=shots / "mlflow_parent_heatmap.png", size="1400,1000")
+    assert re.search(r'<img[^>]*alt="[^"]*cross_model_digits.png"[^>]*src="blob:', dom)  # the report's figure
+    print(f"screenshots: {shots}")
