@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_EVAL := --backbone digits_simclr_cnn --shards shards/digits --real-res 32 --crop-res 32
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo demo-run test lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -20,11 +20,15 @@ $(VENV)/.installed: pyproject.toml
 shards/digits/manifest.json: | install
 	$(PY) -m lgm_ray.shards build digits --out shards/digits
 
-# The offline demo: digits as WebDataset shards → distil 1 image per class with the demo backbone
-# → evaluate it against the baselines. Re-running resumes / reuses what is already there.
-demo: install shards/digits/manifest.json
+# The offline demo sweep: digits shards → every demo backbone × a small ablation grid on a local Ray →
+# cross-model table, MLflow (sqlite:///mlflow.db) and the report. Re-running with --resume skips finished trials.
+demo: install
+	$(PY) -m lgm_ray.sweep sweeps/demo.yaml --resume
+
+# One run of the single-run demo config, evaluated against the baselines.
+demo-run: install shards/digits/manifest.json
 	$(PY) -m lgm_ray.distill --config configs/digits_demo.yaml --out runs/demo --resume
-	$(PY) -m lgm_ray.evaluate --synset runs/demo/synset.pt $(DEMO_EVAL)
+	$(PY) -m lgm_ray.evaluate --synset runs/demo/synset.pt --backbone digits_simclr_cnn --shards shards/digits
 	$(PY) -m lgm_ray.evaluate --baseline random $(DEMO_EVAL)
 	$(PY) -m lgm_ray.evaluate --baseline centroids $(DEMO_EVAL)
 	$(PY) -m lgm_ray.evaluate --baseline full $(DEMO_EVAL)
