@@ -685,9 +685,14 @@ def _check_points(spec: SweepSpec) -> None:
 def check_datasets(spec: SweepSpec) -> None:
     """Every dataset's shards exist and open (or can be built offline on demand)."""
     from lgm_ray.shards import ShardError, ShardSet
+    from lgm_ray.shards_index import is_pattern
+    from lgm_ray.shards_stream import is_local
 
     for ds in spec.datasets:
-        if "://" not in ds.shards and not (Path(ds.shards) / "manifest.json").is_file():
+        # A folder must hold a manifest (or be built); patterns and manifest files are opened as they are.
+        plain_folder = is_local(ds.shards) and not is_pattern(ds.shards) and not ds.shards.endswith(".json")
+        if (plain_folder and not (Path(ds.shards) / "manifest.json").is_file()
+                and not any(Path(ds.shards).glob("**/*.tar"))):
             if ds.build:
                 continue  # built by the driver before the sweep starts
             raise SpecError(
