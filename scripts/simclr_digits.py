@@ -1,0 +1,137 @@
+"""SimCLR pre-training of a demo backbone on the digits train split: the loop the scripts share.
+
+``scripts/pretrain_digits_vit.py`` and ``scripts/pretrain_digits_mixer.py`` call :func:`main` with
+their architecture; the augmentation, the NT-Xent loss, the schedule and the probe are those of
+``scripts/pretrain_digits_cnn.py`` (imported, not copied), so every demo backbone is trained the
+same way: two random views of each image (random resized crops of 8–100 % of the area — the paper's
+range, which the distillation and the probe apply downstream — flips, small rotations and shifts,
+contrast/brightness jitter, Gaussian noise), a projection MLP, and the NT-Xent loss.
+
+Labels are never used in training. The images are the digits *train* split with the validation
+images held out (``--val-fraction``, the carve of ``lgm_ray.digits.load_digits_split``), so the
+``val`` split stays unseen by the backbones as well as by the settings tuned on it. At the end the
+projection head is dropped, the backbone's ``state_dict`` is written to ``--out``, and a
+logistic-regression probe on frozen features (fit on the full train split, 1,437 images, scored on
+test) reports the features' quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from pretrain_digits_cnn import augment, embed, linear_probe, nt_xent, warmup_cosine
+from torch import nn
+
+from lgm_ray.digits import load_digits_split
+
+RES = 32
+
+
+def parse_args(argv: Sequence[str] | None, *, description: str, out: Path, epochs: int, lr: float,
+               batch_size: int = 256, temperature: float = 0.3, weight_decay: float = 0.05,
+               warmup_epochs: int = 10) -> argparse.Namespace:
+    """The shared command line; each script passes its own defaults.
+
+    Args:
+        argv: arguments without the program name; ``None`` reads ``sys.argv``.
+        description: the script's one-line description.
+        out, epochs, lr, batch_size, temperature, weight_decay, warmup_epochs: the script's defaults.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=warmup_epochs)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-scale", type=float, default=0.08, help="smallest crop area fraction of the views")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of every class held out of train as the val split, never trained on")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--out", type=Path, default=out)
+    return p.parse_args(argv)
+
+
+def train(model: nn.Module, images: torch.Tensor, args: argparse.Namespace) -> nn.Module:
+    """SimCLR on ``images`` (N×3×32×32 in [0, 1], no labels); returns the trained backbone in eval mode."""
+    gen = torch.Generator().manual_seed(args.seed)
+    head = nn.Sequential(nn.Linear(model.feature_dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+                         nn.Linear(256, 64))
+    params = [*model.parameters(), *head.parameters()]
+    # No weight decay on norms, biases and position embeddings (the usual ViT recipe).
+    decay = [p for p in params if p.ndim >= 2 and p.shape[0] != 1]
+    no_decay = [p for p in params if not (p.ndim >= 2 and p.shape[0] != 1)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps_per_epoch = len(images) // args.batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(total=args.epochs * steps_per_epoch, warmup=args.warmup_epochs * steps_per_epoch))
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        head.train()
+        perm = torch.randperm(len(images), generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            batch = images[perm[step * args.batch_size : (step + 1) * args.batch_size]]
+            v1, v2 = augment(batch, gen, args.min_scale), augment(batch, gen, args.min_scale)
+            z = head(model(torch.cat([v1, v2])))
+            loss = nt_xent(z[: len(batch)], z[len(batch) :], args.temperature)
+            if not math.isfinite(loss.item()):
+                raise SystemExit(f"non-finite loss at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 3.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {running / steps_per_epoch:.4f}  "
+              f"{time.perf_counter() - start:6.1f} s", flush=True)
+    return model.eval()
+
+
+def main(argv: Sequence[str] | None, build: Callable[[], nn.Module], **defaults: object) -> float:
+    """Pre-train ``build()``, save its weights, and report the linear-probe accuracy.
+
+    Args:
+        argv: command-line arguments without the program name.
+        build: returns the untrained backbone (with a ``feature_dim`` attribute).
+        **defaults: :func:`parse_args`'s keyword defaults (``description``, ``out``, ``epochs``, ``lr``, …).
+
+    Returns:
+        The linear probe's test top-1 (a fraction).
+    """
+    args = parse_args(argv, **defaults)
+    if args.epochs < 1:
+        raise SystemExit("--epochs must be at least 1")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    images, _ = load_digits_split("train", res=RES, val_fraction=args.val_fraction)  # labels unused
+    if not 2 <= args.batch_size <= len(images):
+        raise SystemExit(f"--batch-size must be in [2, {len(images)}]")
+    model = build()
+    t0, c0 = time.perf_counter(), time.process_time()
+    train(model, images, args)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out)
+    full_x, full_y = load_digits_split("train", res=RES)
+    test_x, test_y = load_digits_split("test", res=RES)
+    train_acc, test_acc = linear_probe(embed(model, full_x), full_y, embed(model, test_x), test_y)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pretraining: {wall:.1f} s wall, {cpu:.1f} s CPU ({args.threads} threads, {platform.processor() or '?'}), "
+          f"{len(images)} train images (val_fraction {args.val_fraction}), seed {args.seed}, "
+          f"{n_params:,} backbone parameters")
+    print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+    print(f"linear probe (sklearn logistic regression, full train split → test) top-1: "
+          f"train {train_acc:.4f}  test {test_acc:.4f}")
+    return test_acc
