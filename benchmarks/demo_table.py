@@ -53,7 +53,6 @@ from lgm_ray.config import DistillConfig, load_yaml
 from lgm_ray.distill import run_distill
 from lgm_ray.evaluate import evaluate_baseline, evaluate_synset, synset_settings
 from lgm_ray.feature_cache import state_dict_digest
-from lgm_ray.models import digits_mixer, digits_vit
 from lgm_ray.models.legibility import PixelClassifier, legibility
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +194,6 @@ def save_big_grid(images: torch.Tensor, path: Path, scale: int = 8) -> None:
 
 
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
-    for module in (digits_vit, digits_mixer):
-        module.register()  # no-ops once lgm_ray.backbones registers them
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     shards, res = build_shards(args.data, args.out, args.val_fraction)
     leg_res = args.legibility_res or (8 if args.data == "digits" else 14)

@@ -372,7 +372,7 @@ def _mocov3_build(pretrained: bool, weights: str | None, img_size: int | None) -
     return model
 
 
-# ---------------------------------------------------------------- the offline demo backbone
+# ---------------------------------------------------------------- the offline demo backbones
 
 
 @register_build(
@@ -420,4 +420,13 @@ def _register_hub_families() -> None:
         ))
 
 
+def _register_demo_families() -> None:
+    """The shipped ViT and MLP-mixer demo backbones (the CNN is registered above), like the hub ones."""
+    from lgm_ray.models import digits_mixer, digits_vit
+
+    for module in (digits_vit, digits_mixer):
+        register_build(**module.SPEC_FIELDS)(module.build)
+
+
 _register_hub_families()
+_register_demo_families()

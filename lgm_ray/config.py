@@ -50,6 +50,7 @@ class DistillConfig:
     ipc: int = 1
     augs_per_batch: int = 10
     param: str = "pyramid"
+    init: str = "noise"  # or "real": start from random real training images (per (seed, class)), not noise
     color: bool = True  # colour decorrelation
     grey: bool = False  # distil grey images (one channel shown as three), for grey datasets
     aug: str = "standard"
@@ -98,6 +99,8 @@ class DistillConfig:
             raise bad("micro_batch", "must be ≥ 1, or null for one pass")
         if self.param not in ("pyramid", "pixel"):
             raise bad("param", "choose 'pyramid' or 'pixel'")
+        if self.init not in ("noise", "real"):
+            raise bad("init", "choose 'noise' (the paper) or 'real' (random real training images)")
         if self.aug not in ("standard", "none"):
             raise bad("aug", "choose 'standard' or 'none'")
         if self.amp not in AMP_DTYPES:

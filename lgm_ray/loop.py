@@ -102,6 +102,17 @@ def _grid_images(synset: SyntheticSet, owned_rows: torch.Tensor, num_images: int
         return reduce(full).clamp(0, 1).cpu()
 
 
+def real_start(source, cfg: DistillConfig, owned: list[int]) -> torch.Tensor:
+    """The ``init: real`` start of the classes ``owned``: ``ipc`` random real training images per class.
+
+    Class ``c``'s draw depends on (seed, c) only, so every process, and any number of them, starts
+    the classes alike.
+    """
+    images, labels = source.random_per_class(derive_seed(cfg.seed, "init"), n=cfg.ipc, res=cfg.syn_res)
+    keep = torch.isin(labels, torch.tensor(owned, dtype=labels.dtype))
+    return images[keep]
+
+
 def run_loop(
     cfg: DistillConfig,
     *,
@@ -143,7 +154,10 @@ def run_loop(
         check_resumable(resume, cfg.to_dict())
         step, losses = resume.step, list(resume.meta["losses"])
         skipped, n_levels = int(resume.meta["skipped"]), int(resume.meta["n_levels"])
-    synset = build_synset(cfg.to_dict(), num_classes, owned, n_levels).to(device)
+    synset = build_synset(cfg.to_dict(), num_classes, owned, n_levels)
+    if resume is None and cfg.init == "real":
+        synset.set_images(real_start(source, cfg, owned))
+    synset = synset.to(device)
     optimizer = torch.optim.Adam(synset.parameters(), lr=cfg.lr)
     if resume is not None:
         load_class_state(synset, optimizer, resume.classes, resume.adam_step)

@@ -69,6 +69,8 @@ class RealSource(Protocol):
     def batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
                 world_size: int = 1, num_streams: int = 8) -> Iterator[RealBatch]: ...
 
+    def random_per_class(self, seed: int, *, n: int = 1, res: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 class DigitsSource:
     """The digits train split in memory, resized to ``real_res``, dealt to virtual streams (module doc).
@@ -86,6 +88,18 @@ class DigitsSource:
         self.class_names = list(CLASS_NAMES)
         self.num_classes = len(self.class_names)
         self.real_res = real_res
+        self.val_fraction, self.val_seed = val_fraction, val_seed
+
+    def random_per_class(self, seed: int, *, n: int = 1, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random train images of every class at ``res`` (class ``c``'s from (seed, c)), by class."""
+        images, labels = load_digits_split("train", res=res, val_fraction=self.val_fraction, val_seed=self.val_seed)
+        rows = []
+        for c in range(self.num_classes):
+            members = torch.nonzero(labels == c).flatten()
+            order = torch.randperm(len(members), generator=generator(seed, "pick", c))
+            rows.append(members[order[:n]])
+        picked = torch.cat(rows)
+        return images[picked], labels[picked]
 
     def batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
                 world_size: int = 1, num_streams: int = 8) -> Iterator[RealBatch]:
@@ -148,6 +162,11 @@ class ShardSource:
                                            world_size=world_size, num_streams=num_streams,
                                            real_res=self.real_res, num_workers=self.num_workers)
         return (RealBatch(*b) for b in stream)
+
+    def random_per_class(self, seed: int, *, n: int = 1, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random train images of every class, resized and centre-cropped to ``res``, by class."""
+        images, labels = self.shards.random_per_class(seed, n=n, split="train", resize=res, crop=res)
+        return images.float(), labels.long()
 
 
 def open_source(spec: str, real_res: int | None = None, num_workers: int = 0) -> RealSource:

@@ -37,6 +37,7 @@ _COLOR_CORRELATION = torch.tensor(
 COLOR_MATRIX = (_COLOR_CORRELATION / _COLOR_CORRELATION.norm(dim=0).max()).float()
 
 PARAMETERISATIONS = ("pyramid", "pixel")
+REAL_INIT_EPS = 0.02  # a real-image start clips pixels to [eps, 1 − eps] (sigmoid pre-activation ±1.95)
 
 
 def pyramid_resolutions(res: int) -> list[int]:
@@ -146,6 +147,30 @@ class SyntheticSet(nn.Module):
     @property
     def can_grow(self) -> bool:
         return self.param == "pyramid" and len(self.levels) < self.max_levels
+
+    @torch.no_grad()
+    def set_images(self, images: torch.Tensor, eps: float = REAL_INIT_EPS) -> None:
+        """Make the set render ``images`` (its rows, N×3×res×res in [0, 1]): the ``init: real`` start.
+
+        Pixel: the one level holds the pre-activation. Pyramid: every level is present from the start
+        (the coarse ones zero, the finest holding the pre-activation), so the set does not grow; the
+        coarse levels still move the image coarse-to-fine. Grey sets take the channel mean; colour
+        sets undo the colour decorrelation. Pixels are clipped to [eps, 1 − eps] first, so none
+        starts in the sigmoid's flat tail.
+        """
+        if tuple(images.shape) != (self.num_images, 3, self.res, self.res):
+            raise ValueError(f"set_images needs {self.num_images}×3×{self.res}×{self.res} images, "
+                             f"got {tuple(images.shape)}")
+        t = images.detach().float().clamp(eps, 1 - eps)
+        if self.channels == 1:
+            t = t.mean(dim=1, keepdim=True)
+        pre = 0.5 * torch.log(t / (1 - t))  # render() applies sigmoid(2·x)
+        if self.decorrelate:
+            pre = torch.einsum("ij,njhw->nihw", torch.linalg.inv(COLOR_MATRIX.double()).float(), pre)
+        self.grow_to(self.max_levels)
+        for p in self.levels:
+            p.zero_()
+        self.levels[-1].copy_(pre.to(self.levels[-1]))
 
     @torch.no_grad()
     def grow(self) -> bool:

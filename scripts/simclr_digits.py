@@ -26,17 +26,137 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from pretrain_digits_cnn import augment, embed, linear_probe, nt_xent, warmup_cosine
+import torch.nn.functional as F
 from torch import nn
 
 from lgm_ray.digits import load_digits_split
+from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD
 
 RES = 32
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Map images in [0, 1] to the input range ``DigitsCNN`` expects."""
+    mean = torch.tensor(DIGITS_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(DIGITS_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, min_scale: float = 0.08, jitter: float = 0.2) -> torch.Tensor:
+    """One random SimCLR view per image, batched.
+
+    Crop, aspect ratio, flip, rotation and translation are composed into a single affine sampling
+    grid per image, so the whole batch is resampled with one ``grid_sample`` call.
+
+    Args:
+        x: float N×3×H×W images in [0, 1].
+        gen: the random generator (keeps runs reproducible).
+        min_scale: smallest crop area fraction.
+        jitter: brightness shift ±``jitter`` and contrast factor 1 ± 2·``jitter`` (0: none). Without it
+            the features are worse (ViT probe 85.6 % instead of 94.4 %) and the distilled images no
+            more legible (README, "Demo backbones").
+
+    Returns:
+        float N×3×H×W augmented images, normalised for ``DigitsCNN``.
+    """
+    n = x.shape[0]
+    area = _uniform(n, min_scale, 1.0, gen)
+    log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), gen)
+    ratio = log_ratio.exp()
+    sx = (area * ratio).sqrt().clamp(max=1.0)
+    sy = (area / ratio).sqrt().clamp(max=1.0)
+    # The crop stays inside the image; a small extra shift then translates the content itself.
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx) + _uniform(n, -0.1, 0.1, gen)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy) + _uniform(n, -0.1, 0.1, gen)
+    angle = _uniform(n, -15.0, 15.0, gen) * math.pi / 180
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack(
+        [
+            torch.stack([sx * cos * flip, -sx * sin, cx], dim=1),
+            torch.stack([sy * sin * flip, sy * cos, cy], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Zero padding is the digits' own black background.
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    if jitter > 0:
+        contrast = _uniform(n, 1 - 2 * jitter, 1 + 2 * jitter, gen).view(n, 1, 1, 1)
+        brightness = _uniform(n, -jitter, jitter, gen).view(n, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+    noise_std = _uniform(n, 0.0, 0.1, gen).view(n, 1, 1, 1)
+    out = out + noise_std * torch.randn(out.shape, generator=gen)
+    return normalize(out)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent loss of SimCLR: each view must pick its partner among the other 2N - 1 views.
+
+    Args:
+        z1: N×D projections of the first views.
+        z2: N×D projections of the second views, row i paired with row i of ``z1``.
+        temperature: softmax temperature of the cosine similarities.
+
+    Returns:
+        The mean loss, a scalar.
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Frozen features of un-augmented images in [0, 1]."""
+    model.eval()
+    return torch.cat(
+        [model(normalize(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    )
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+) -> tuple[float, float]:
+    """Fit a logistic-regression probe on frozen features.
+
+    Returns:
+        ``(train top-1, test top-1)``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=5000)
+    clf.fit(train_x.numpy(), train_y.numpy())
+    train_acc = clf.score(train_x.numpy(), train_y.numpy())
+    test_acc = clf.score(test_x.numpy(), test_y.numpy())
+    return float(train_acc), float(test_acc)
+
+
+def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up for ``warmup`` steps, then a cosine decay to 0 at ``total``."""
+    warmup = max(1, min(warmup, total // 2))
+    decay = max(1, total - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+    return factor
+
+
 def parse_args(argv: Sequence[str] | None, *, description: str, out: Path, epochs: int, lr: float,
                batch_size: int = 256, temperature: float = 0.3, weight_decay: float = 0.05,
-               warmup_epochs: int = 10) -> argparse.Namespace:
+               warmup_epochs: int = 10, clip: float = 3.0) -> argparse.Namespace:
     """The shared command line; each script passes its own defaults.
 
     Args:
@@ -52,7 +172,10 @@ def parse_args(argv: Sequence[str] | None, *, description: str, out: Path, epoch
     p.add_argument("--warmup-epochs", type=int, default=warmup_epochs)
     p.add_argument("--temperature", type=float, default=temperature)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", type=float, default=clip, help="gradient-norm clip (0: none)")
     p.add_argument("--min-scale", type=float, default=0.08, help="smallest crop area fraction of the views")
+    p.add_argument("--jitter", type=float, default=0.2,
+                   help="brightness ±J and contrast 1 ± 2J jitter of the views (0: none)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of every class held out of train as the val split, never trained on")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -82,14 +205,15 @@ def train(model: nn.Module, images: torch.Tensor, args: argparse.Namespace) -> n
         running = 0.0
         for step in range(steps_per_epoch):
             batch = images[perm[step * args.batch_size : (step + 1) * args.batch_size]]
-            v1, v2 = augment(batch, gen, args.min_scale), augment(batch, gen, args.min_scale)
+            v1, v2 = augment(batch, gen, args.min_scale, args.jitter), augment(batch, gen, args.min_scale, args.jitter)
             z = head(model(torch.cat([v1, v2])))
             loss = nt_xent(z[: len(batch)], z[len(batch) :], args.temperature)
             if not math.isfinite(loss.item()):
                 raise SystemExit(f"non-finite loss at epoch {epoch + 1}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, 3.0)
+            if args.clip > 0:
+                nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
             sched.step()
             running += loss.item()

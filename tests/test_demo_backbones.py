@@ -20,8 +20,6 @@ from lgm_ray.models.legibility import digits_pixel_classifier, legibility
 
 NEW = {"digits_simclr_vit": digits_vit, "digits_simclr_mixer": digits_mixer}
 DEMO = ["digits_simclr_cnn", *NEW]
-for module in NEW.values():  # no-ops once lgm_ray.backbones registers them itself
-    module.register()
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +44,13 @@ def test_demo_backbones_are_registered_as_three_families() -> None:
         assert Path(NEW[name].WEIGHTS).parent == Path(digits_vit.__file__).resolve().parents[1] / "weights"
 
 
-def test_register_twice_is_a_no_op() -> None:
-    assert digits_vit.register() is get_spec("digits_simclr_vit")
-    assert digits_mixer.register() is get_spec("digits_simclr_mixer")
+def test_importing_the_registry_alone_registers_them() -> None:
+    import subprocess
+    import sys
+
+    code = "from lgm_ray.backbones import list_backbones; print(sorted(n for n in list_backbones() if 'digits' in n))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(DEMO))
 
 
 @pytest.mark.parametrize("name", DEMO)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lgm_ray.backbones import BackboneWeightsError
 from lgm_ray.digits import load_digits_split
 from lgm_ray.models import DIGITS_CNN_MEAN, DIGITS_CNN_STD, DigitsCNN, load_digits_cnn
 
@@ -74,7 +75,7 @@ def test_output_is_layernorm_normalised(model: DigitsCNN, digits: dict[str, torc
 
 def test_missing_weights_raise(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt") as info:
+    with pytest.raises(BackboneWeightsError, match="nope.pt") as info:
         load_digits_cnn(missing)
     assert "pretrain_digits_cnn.py" in str(info.value)
 

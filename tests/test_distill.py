@@ -290,3 +290,40 @@ def test_grey_images_for_grey_datasets(tmp_path):
     assert images.shape[1] == 3
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
     assert float(images.std()) > 0
+
+
+@pytest.mark.parametrize("param", ["pixel", "pyramid"])
+def test_real_init_starts_from_one_real_train_image_per_class(tmp_path, param):
+    from lgm_ray.digits import load_digits_split
+    from lgm_ray.loop import real_start
+    from lgm_ray.sources import DigitsSource
+    from lgm_ray.synset import REAL_INIT_EPS
+
+    # lr ≈ 0: the saved set is its start. Every row must be a real digits train image of its class.
+    main([*FAST, "--steps", "1", "--grey", "--param", param, "--init", "real", "--lr", "1e-12",
+          "--out", str(tmp_path / "r")])
+    payload = torch.load(tmp_path / "r" / "synset.pt", weights_only=False)
+    images, labels = payload["images"], payload["labels"]
+    train_x, train_y = load_digits_split("train", res=16)
+    real = train_x.clamp(REAL_INIT_EPS, 1 - REAL_INIT_EPS).mean(dim=1)
+    dist = (images[:, 0].flatten(1)[:, None] - real.flatten(1)[None]).abs().amax(dim=2)  # sets × train
+    nearest = dist.argmin(dim=1)
+    assert float(dist.min(dim=1).values.max()) < 1e-4
+    assert torch.equal(train_y[nearest], labels)
+    assert len(set(nearest.tolist())) == 10
+    # Any split of the classes starts alike, and another seed picks other images.
+    cfg = DistillConfig(shards="digits", syn_res=16, real_res=16, ipc=1)
+    whole = real_start(DigitsSource(16), cfg, list(range(10)))
+    parts = torch.cat([real_start(DigitsSource(16), cfg, part) for part in ([0, 1, 2, 3], [4, 5, 6], [7, 8, 9])])
+    assert torch.equal(whole, parts)
+    other = real_start(DigitsSource(16), DistillConfig(shards="digits", syn_res=16, real_res=16, seed=1), list(range(10)))
+    assert not torch.equal(whole, other)
+
+
+def test_real_init_changes_the_resume_key(tmp_path, capsys):
+    out = tmp_path / "k"
+    main([*FAST, "--steps", "2", "--ckpt-every", "1", "--out", str(out)])
+    with pytest.raises(SystemExit) as info:
+        main([*FAST, "--steps", "4", "--init", "real", "--out", str(out), "--resume"])
+    assert info.value.code != 0
+    assert "init" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 from lgm_ray.seeds import generator
 from lgm_ray.synset import (
     COLOR_MATRIX,
+    REAL_INIT_EPS,
     SyntheticSet,
     decorrelate_color,
     pyramid_resolutions,
@@ -209,3 +210,20 @@ def test_payload_is_the_reference_format(tmp_path):
         validate_synset({"images": loaded["images"]})
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         validate_synset({"images": loaded["images"] * 3, "labels": loaded["labels"]})
+
+
+@pytest.mark.parametrize("param", ["pyramid", "pixel"])
+@pytest.mark.parametrize("channels,color", [(3, True), (3, False), (1, False)])
+def test_set_images_renders_the_given_images(param, channels, color):
+    s = SyntheticSet(4, ipc=2, res=16, param=param, decorrelate=color, channels=channels, seed=3)
+    images = torch.rand(8, 3, 16, 16, generator=generator(0, "test"))
+    s.set_images(images)
+    want = images.clamp(REAL_INIT_EPS, 1 - REAL_INIT_EPS)
+    if channels == 1:
+        want = want.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    assert torch.allclose(s.render(), want, atol=1e-5)
+    if param == "pyramid":  # complete from the start, the image in the finest level only
+        assert len(s.levels) == s.max_levels and not s.can_grow
+        assert all(float(p.abs().max()) == 0 for p in s.levels[:-1])
+    with pytest.raises(ValueError, match="set_images needs 8×3×16×16"):
+        s.set_images(images[:, :, :8, :8])

@@ -89,14 +89,10 @@ def load_digits_cnn(weights_path: str | Path | None = None) -> DigitsCNN:
         The model in eval mode.
 
     Raises:
-        FileNotFoundError: the weights file does not exist (never a silent random initialisation).
+        BackboneWeightsError: the weights file is missing or unreadable (never a silent random
+            initialisation).
     """
+    from lgm_ray.models.shipped import load_shipped
+
     path = Path(weights_path) if weights_path is not None else DIGITS_CNN_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"DigitsCNN weights not found at {path}; regenerate them with `python {PRETRAIN_SCRIPT} --out {path}`"
-        )
-    model = DigitsCNN()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_shipped(DigitsCNN(), path, name="digits_simclr_cnn", script=PRETRAIN_SCRIPT)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD, WEIGHTS_DIR, load_shipped, register_shipped
+from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD, WEIGHTS_DIR, load_shipped
 
 NAME = "digits_simclr_mixer"
 WEIGHTS: Path = WEIGHTS_DIR / "digits_simclr_mixer.pt"
@@ -100,7 +100,3 @@ SPEC_FIELDS: dict[str, object] = dict(
                 "digits train split (offline demo/tests)",
 )
 
-
-def register() -> object:
-    """Register ``digits_simclr_mixer`` in :mod:`lgm_ray.backbones` (once; later calls are no-ops)."""
-    return register_shipped(build, **SPEC_FIELDS)

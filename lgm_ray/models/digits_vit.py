@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD, WEIGHTS_DIR, load_shipped, register_shipped
+from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD, WEIGHTS_DIR, load_shipped
 
 NAME = "digits_simclr_vit"
 WEIGHTS: Path = WEIGHTS_DIR / "digits_simclr_vit.pt"
@@ -96,7 +96,3 @@ SPEC_FIELDS: dict[str, object] = dict(
                 "train split (offline demo/tests)",
 )
 
-
-def register() -> object:
-    """Register ``digits_simclr_vit`` in :mod:`lgm_ray.backbones` (once; later calls are no-ops)."""
-    return register_shipped(build, **SPEC_FIELDS)

@@ -1,4 +1,4 @@
-"""Shipped demo backbones: loading their weight files, and registering them like the hub ones.
+"""Shipped demo backbones: loading their weight files.
 
 Every demo backbone of lgm_ray is a small network pre-trained self-supervised on the digits train
 split by a script in ``scripts/``, with its ``state_dict`` shipped in ``lgm_ray/weights/``. Two rules
@@ -6,13 +6,13 @@ hold for all of them, and live here once:
 
 * a missing or unreadable weights file is a :class:`~lgm_ray.backbones.BackboneWeightsError` that
   names the file and the command that regenerates it — never a silent random initialisation;
-* they are registered with the same :class:`~lgm_ray.backbones.BackboneSpec` records as the hub
-  backbones, so tests and the demo walk the users' path.
+* :mod:`lgm_ray.backbones` registers them from each module's ``SPEC_FIELDS`` and ``build``, with the
+  same :class:`~lgm_ray.backbones.BackboneSpec` records as the hub backbones, so tests and the demo
+  walk the users' path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,15 +62,3 @@ def load_shipped(model: M, path: str | Path, *, name: str, script: str) -> M:
                                    f"{fix}") from exc
     return model.eval()
 
-
-def register_shipped(build: Callable[[bool, str | None, int | None], nn.Module], **fields: object) -> object:
-    """Register a shipped backbone once (a second call returns the existing record).
-
-    ``fields`` are :class:`~lgm_ray.backbones.BackboneSpec` fields other than ``build``.
-    """
-    from lgm_ray import backbones
-
-    name = str(fields["name"])
-    if name in backbones.list_backbones():
-        return backbones.get_spec(name)
-    return backbones.register_backbone(backbones.BackboneSpec(build=build, **fields))
