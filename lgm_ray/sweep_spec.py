@@ -596,10 +596,9 @@ def parse_spec(
         raise SpecError("config must map run fields (lgm_ray.config.DistillConfig) to values")
     overrides = check_run_fields(overrides, "config")
     config.update(overrides)
+    # A point's values override config_file's; a key a point does not set keeps config_file's value
+    # (a list point {} is the config file's own run, not the defaults).
     ablations = _ablations(data.get("ablations"), overrides)
-    for point in ablations:
-        for k in point:
-            config.pop(k, None)  # an axis may override a value of config_file
 
     backbones = expand_backbones(_names(data["backbones"], "backbones"), "backbones")
     eval_backbones = expand_backbones(

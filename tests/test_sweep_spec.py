@@ -34,18 +34,24 @@ def fails(tmp_path, match: str, check_paths: bool = False, **fields) -> str:
 def test_demo_spec_resolves_from_the_run_config_and_the_registry():
     s = load_spec(ROOT / "sweeps" / "demo.yaml", cwd=ROOT, check_paths=False)
     assert s.backbones == DIGITS and s.eval_backbones == DIGITS
-    assert s.ablations == [{"param": p, "aug": a} for p in ("pyramid", "pixel") for a in ("standard", "none")]
+    assert s.ablations == [{}, {"init": "noise"}, {"aug": "none"}]
     base = s.base_config()
     assert base.lr == 0.03 and base.syn_res == 32  # from configs/digits_demo.yaml
+    assert base.init == "real" and base.grey
     assert base.steps == 240  # the spec's override wins over the file
     assert s.datasets[0].shards == str(ROOT / "shards" / "digits") and s.datasets[0].build == "digits"
     points = s.grid()
-    assert len(points) == len(DIGITS) + 3  # every backbone at the first point, the ablations on one
+    assert len(DIGITS) == 3 and len(points) == len(DIGITS) + 2  # every backbone at the first point, the rest on one
     assert len({p.key for p in points}) == len(points)
-    pixel_off = next(p for p in points if p.ablation == {"param": "pixel", "aug": "none"})
-    cfg = pixel_off.resolved(out="x")
-    assert (cfg.param, cfg.aug, cfg.steps, cfg.shards) == ("pixel", "none", 240, s.datasets[0].shards)
-    assert pixel_off.ablation_label == "param=pixel, aug=none"
+    noise = next(p for p in points if p.ablation == {"init": "noise"})
+    assert noise.backbone == "digits_simclr_cnn"
+    cfg = noise.resolved(out="x")
+    assert (cfg.init, cfg.param, cfg.aug, cfg.steps, cfg.shards) == ("noise", "pyramid", "standard", 240,
+                                                                    s.datasets[0].shards)
+    assert noise.ablation_label == "init=noise"
+    # The point {} is the config file's own run: keys other points set keep the file's values.
+    plain = next(p for p in points if p.ablation == {} and p.backbone == "digits_simclr_cnn")
+    assert (plain.resolved(out="x").init, plain.resolved(out="x").aug) == ("real", "standard")
     assert s.eval_kwargs()["epochs"] == 1000 and s.eval_kwargs()["seeds"] == 3
 
 
