@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 
 
@@ -20,3 +29,44 @@ def shards(digits_shards):
     from lgm_ray.shards import ShardSet
 
     return ShardSet(digits_shards)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on loopback with its own SQLite store and artifact root; yields its URL
+    (it answers /health after about 30 s on a 2-core machine)."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    with open(folder / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the session this fixture started
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -14,10 +14,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -422,49 +419,9 @@ def test_report_in_headless_chromium(report, tmp_path):
     assert "81.00 ± 1.00" in text and "25.00 ± 5.00" in text and "81.00 / 63.0" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(base: str, endpoint: str, **params) -> dict:
     with urllib.request.urlopen(f"{base}{endpoint}?{urllib.parse.urlencode(params)}", timeout=30) as r:
         return json.loads(r.read())
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on loopback with its own SQLite store and artifact root (about 30 s to /health)."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker: the session this fixture started
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 @pytest.mark.slow

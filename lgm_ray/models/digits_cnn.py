@@ -7,8 +7,9 @@ mean something. ``DigitsCNN`` is a 4-block convolutional network (conv3×3 + Bat
 LayerNorm; the matching objective is a cosine and blind to scale, so a normalised output matters.
 
 The shipped weights (``lgm_ray/weights/digits_simclr_cnn.pt``, a plain ``state_dict``) were
-pre-trained by ``scripts/pretrain_digits_cnn.py``: SimCLR (Chen et al., *A Simple Framework for
-Contrastive Learning of Visual Representations*, ICML 2020) on the digits train split at 32×32,
+pre-trained by ``scripts/pretrain_digits_cnn.py --seed 0`` (the SimCLR loop the three demo backbones
+share, ``scripts/simclr_digits.py``; Chen et al., *A Simple Framework for Contrastive Learning of
+Visual Representations*, ICML 2020) on the digits train split at 32×32, validation images held out,
 without labels. The SimCLR projection head was discarded; it is not part of the file.
 
 Inputs are expected normalised with ``DIGITS_CNN_MEAN`` / ``DIGITS_CNN_STD``: ``(x - mean) / std``
