@@ -142,3 +142,14 @@ def test_legibility_reads_real_digits_and_rejects_noise(digits) -> None:
     assert real["legible_classes"] >= 8 and real["num_classes"] == 10
     noise = legibility(torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(10), clf)
     assert noise["legible_classes"] <= 3
+
+
+def test_legibility_is_not_swayed_by_a_stray_pixel_in_a_corner(digits) -> None:
+    """A bright speck where real digits never have ink does not hide the digit from the reader."""
+    clf = digits_pixel_classifier()
+    y = digits["test_y"]
+    one_each = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(10)])
+    images = digits["test_x"][one_each].clone()
+    assert legibility(images, y[one_each], clf)["legible_classes"] >= 9
+    images[:, :, :4, :4] = 1.0  # one 8×8 pixel of the original resolution, in the top-left corner
+    assert legibility(images, y[one_each], clf)["legible_classes"] >= 9

@@ -9,6 +9,12 @@ image carries the class's shape where real digits carry it.
 Images are turned grey (mean of the channels) and area-resized to ``res``×``res`` before the
 classifier sees them (8 for scikit-learn's digits: their own 8×8 pixels), so fine texture that no
 real digit has neither helps nor hurts; what is left is the shape.
+
+The pixels are not standardised: a standard scaler divides each pixel by its spread over the real
+digits, which is nearly zero at the borders, so a stray bright pixel there — invisible to a person —
+outweighs the whole digit. On MNIST-5k distilled sets that every digit of which a person reads, the
+standardised reader read 3 and 6 classes of 10, the raw one 10 and 10, with the same accuracy on real
+test digits (90.9 %; digits: 96.1 % raw, 96.7 % standardised).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def grey_pixels(images: torch.Tensor, res: int) -> np.ndarray:
 
 @dataclass
 class PixelClassifier:
-    """A standardise + logistic-regression pipeline on grey pixels at ``res``×``res``."""
+    """A logistic regression on raw grey pixels (in [0, 1]) at ``res``×``res``."""
 
     pipeline: object
     res: int
@@ -41,10 +47,8 @@ class PixelClassifier:
     def fit(cls, images: torch.Tensor, labels: torch.Tensor, res: int = 8, seed: int = 0) -> PixelClassifier:
         """Train on real images (N×C×H×W in [0, 1]) and their labels."""
         from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
 
-        pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, random_state=seed))
+        pipe = LogisticRegression(max_iter=3000, C=1.0, random_state=seed)
         pipe.fit(grey_pixels(images, res), labels.cpu().numpy())
         return cls(pipe, res)
 
