@@ -445,39 +445,6 @@ def loss_curves_png(sweep: Sweep, path: Path):
     return pd.DataFrame(rows, columns=["trial", "dataset", "backbone", "ablation", "seed", "step", "meta_loss"])
 
 
-def heatmap_png(means, stds, path: Path, title: str, unit: str = "top-1 (%)") -> Path:
-    """A heatmap of a (means[, stds]) table, each cell annotated ``mean ± std``, sized to its labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = means.to_numpy(dtype=float)
-    n_r, n_c = values.shape
-    label_in = 0.3 + 0.06 * max([len(str(r)) for r in means.index] + [4])
-    width, height = label_in + 1.2 * n_c + 1.3, 1.5 + 0.36 * n_r
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110 if n_r <= 30 else 72)
-    # fixed margins from the labels' length: tight_layout would draw a 100-row table twice
-    fig.subplots_adjust(left=label_in / width, right=1 - 1.3 / width, bottom=1.0 / height, top=1 - 0.45 / height)
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(n_c), [str(c) for c in means.columns], rotation=25, ha="right", fontsize=8)
-    ax.set_yticks(range(n_r), [str(r) for r in means.index], fontsize=8)
-    finite = values[np.isfinite(values)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for i in range(n_r):
-        for j in range(n_c):
-            if math.isfinite(values[i, j]):
-                sd = stds.iloc[i, j] if stds is not None else float("nan")
-                text = f"{values[i, j]:.1f}" + (f"\n± {sd:.1f}" if math.isfinite(sd) else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="k" if values[i, j] > mid else "w")
-    fig.colorbar(im, cax=fig.add_axes((1 - 1.1 / width, 1.0 / height, 0.15 / width, 1 - 1.45 / height)), label=unit)
-    ax.set_title(title, fontsize=9)
-    _save_png(fig, path)
-    plt.close(fig)
-    return path
-
-
 def gallery_png(cells: list[list[Any]], row_labels: list[str], col_labels: list[str], path: Path,
                 title: str, cell_px: int = 64) -> Path:
     """A mosaic: rows × columns of images (PIL or ``None``), class names on the left, column labels
@@ -771,7 +738,7 @@ class _Builder:
         return "".join(parts) or '<p class="note">no step grids (grids/step_*.png) found</p>'
 
     def tables(self) -> tuple[str, str]:
-        from lgm_ray.tracking import ablation_table, cross_model_table
+        from lgm_ray.tracking import ablation_table, cross_model_table, heatmap_png
 
         cross, abl_parts = [], []
         paper = self.sweep.spec.get("paper")
@@ -779,8 +746,8 @@ class _Builder:
             means, stds = cross_model_table(self.frame, ds, self.sweep.eval_backbones)
             if means.empty:
                 continue
-            png = heatmap_png(means, stds, self.out / "figures" / f"cross_model_{ds}.png",
-                              f"{ds}: cross-model linear-probe top-1 (%), mean ± std")
+            png = heatmap_png(means, self.out / "figures" / f"cross_model_{ds}.png",
+                              f"{ds}: cross-model linear-probe top-1 (%), mean ± std", stds=stds)
             self.add_figure(png, means.add_suffix("_mean").join(stds.add_suffix("_std")).reset_index())
             distilled = self.frame[(self.frame["dataset"] == ds) & (self.frame["training_set"] == "distilled")]
             abl = ablation_table(self.frame, ds) if distilled["ablation"].nunique() > 1 else None
@@ -798,7 +765,7 @@ class _Builder:
                          f"{self.fig_block(png, f'{ds}: cross-model heatmap')}</div>"
                          + (paper_block if kind == "cross-model" else ""))
             if abl is not None and not abl.empty:
-                png = heatmap_png(abl, None, self.out / "figures" / f"ablation_{ds}.png",
+                png = heatmap_png(abl, self.out / "figures" / f"ablation_{ds}.png",
                                   f"{ds}: ablation, mean top-1 (%)")
                 self.add_figure(png, abl.reset_index())
                 abl_parts.append(f"<h3>{_e(ds)}</h3><p class='note'>mean top-1 (%): same-model (distilled and "

@@ -410,8 +410,10 @@ def to_markdown(means, stds=None, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heatmap_png(means, path: str | Path, title: str = "", unit: str = "top-1 (%)") -> Path:
-    """A heatmap of a means frame (rows × columns), each cell annotated; written atomically."""
+def heatmap_png(means, path: str | Path, title: str = "", unit: str = "top-1 (%)", *, stds=None) -> Path:
+    """A heatmap of a means frame (rows × columns), each cell annotated (``mean ± std`` when ``stds``, a
+    frame of the same shape, is given), sized to its labels; written atomically. The MLflow tables and
+    the report draw with it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,20 +421,31 @@ def heatmap_png(means, path: str | Path, title: str = "", unit: str = "top-1 (%)
     import numpy as np
 
     values = means.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * values.shape[1], 1.2 + 0.4 * values.shape[0]))
+    n_r, n_c = values.shape
+    label_in = 0.3 + 0.06 * max([len(str(r)) for r in means.index] + [4])
+    width, height = label_in + 1.2 * n_c + 1.3, 1.5 + 0.36 * n_r
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110 if n_r <= 30 else 72)
+    # fixed margins from the labels' length: tight_layout would draw a 100-row table twice
+    fig.subplots_adjust(left=label_in / width, right=1 - 1.3 / width, bottom=1.0 / height, top=1 - 0.45 / height)
     im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(values.shape[1]), [str(c) for c in means.columns], rotation=30, ha="right")
-    ax.set_yticks(range(values.shape[0]), [str(r) for r in means.index])
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if not math.isnan(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label=unit)
+    ax.set_xticks(range(n_c), [str(c) for c in means.columns], rotation=25, ha="right", fontsize=8)
+    ax.set_yticks(range(n_r), [str(r) for r in means.index], fontsize=8)
+    finite = values[np.isfinite(values)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(n_r):
+        for j in range(n_c):
+            if math.isfinite(values[i, j]):
+                sd = stds.iloc[i, j] if stds is not None else float("nan")
+                text = f"{values[i, j]:.1f}" + (f"\n± {sd:.1f}" if math.isfinite(sd) else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="k" if values[i, j] > mid else "w")
+    fig.colorbar(im, cax=fig.add_axes((1 - 1.1 / width, 1.0 / height, 0.15 / width, 1 - 1.45 / height)), label=unit)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # long row labels widen the image, not clip
+    fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -57,8 +57,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, min_scale: float = 0.08, jitt
         gen: the random generator (keeps runs reproducible).
         min_scale: smallest crop area fraction.
         jitter: brightness shift ±``jitter`` and contrast factor 1 ± 2·``jitter`` (0: none). Without it
-            the features are worse (ViT probe 85.6 % instead of 94.4 %) and the distilled images no
-            more legible (README, "Demo backbones").
+            the features were worse (ViT probe 85.6 % instead of 94.4 %) and the CNN's distilled set
+            no more legible (``benchmarks/results/demo_settings_val.txt``).
 
     Returns:
         float N×3×H×W augmented images, normalised for ``DigitsCNN``.
