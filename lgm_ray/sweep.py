@@ -49,7 +49,8 @@ import yaml
 from ray import tune
 
 from lgm_ray.config import ConfigError, DistillConfig
-from lgm_ray.sweep_spec import SHARED_BASELINES, SpecError, SweepSpec, TrialPoint, check_resources, load_spec
+from lgm_ray.sweep_parse import check_resources, load_spec
+from lgm_ray.sweep_spec import SHARED_BASELINES, SpecError, SweepSpec, TrialPoint
 from lgm_ray.tracking import KIND_TAG, Tracker, flatten, resolve_tracking_uri, ui_hint, write_tables
 
 STATE_FILE = "sweep_state.json"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from lgm_ray.backbones import list_backbones
-from lgm_ray.sweep_spec import Resources, SpecError, check_resources, eval_defaults, load_spec, parse_spec
+from lgm_ray.sweep_parse import check_resources, load_spec, parse_spec
+from lgm_ray.sweep_spec import Resources, SpecError, eval_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = [b for b in list_backbones() if b.startswith("digits_")]
