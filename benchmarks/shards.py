@@ -97,7 +97,7 @@ class _OldReader:
         return samples
 
     def decode_unit(self, unit: _OldUnit) -> tuple[int, torch.Tensor, torch.Tensor]:
-        from lgm_ray.shards_stream import crop_array, resize_short
+        from lgm_ray.shards_decode import crop_array, resize_short
 
         samples = self.samples(unit.shard)
         picked = [s for p, s in enumerate(samples) if (unit.offset + p) % unit.stride == unit.phase]

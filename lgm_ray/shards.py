@@ -18,8 +18,9 @@ brace or glob pattern (``DIR/train-{000000..000146}.tar``, ``pipe:…``, ``http(
 folder of them — which is indexed in memory on every open (``index`` does it once).
 
 Writing lives in :mod:`lgm_ray.shards_build`, indexing in :mod:`lgm_ray.shards_index`; the on-disk
-format, its checks and the streaming reader in :mod:`lgm_ray.shards_stream` (whose docstring states the
-integrity and determinism policies).
+format and its checks in :mod:`lgm_ray.shards_format` (whose docstring states the integrity policy), reading
+URLs and tars in :mod:`lgm_ray.shards_io`, decoding in :mod:`lgm_ray.shards_decode`, and the virtual streams
+in :mod:`lgm_ray.shards_stream` (whose docstring states the determinism policy).
 """
 
 from __future__ import annotations
@@ -36,10 +37,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from lgm_ray import shards_stream as core
 from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, SPLITS, build
+from lgm_ray.shards_decode import (
+    ON_BAD_SAMPLE,
+    BadSample,
+    Decoded,
+    Decoder,
+    EvalTask,
+    SkippedSample,
+    TrainTask,
+    crop_array,
+    decode_pool,
+    decode_sample,
+    parse_label,
+    to_tensor,
+)
+from lgm_ray.shards_format import (
+    IMAGE_FORMATS,
+    IMAGE_KEYS,
+    MANIFEST_NAME,
+    Layout,
+    ShardError,
+    entry_url,
+    is_local,
+    join,
+    local_file_problems,
+    rebuild_hint,
+    verify_hint,
+)
 from lgm_ray.shards_index import index, index_source, is_pattern
-from lgm_ray.shards_stream import ShardError, SkippedSample
+from lgm_ray.shards_io import ReadStats, load_manifest, members_of, shard_samples
+from lgm_ray.shards_stream import (
+    SHUFFLE_BUFFER,
+    SPARES,
+    TAG_PICK,
+    Lookahead,
+    Reader,
+    StreamPlan,
+    Unit,
+    batched,
+    stream_layout,
+)
 
 __all__ = ["ShardError", "ShardSet", "SkippedSample", "build", "index", "main", "open_manifest", "verify"]
 
@@ -55,13 +93,13 @@ def open_manifest(root: str) -> tuple[dict[str, Any], str]:
     pattern, or a local folder of shards without a manifest, is indexed in memory (see module doc).
     """
     if root.endswith(".json"):
-        return core.load_manifest(root), root.rpartition("/")[0] or "."
-    if is_pattern(root) or (core.is_local(root) and os.path.isdir(root)
-                            and not os.path.isfile(core.join(root, core.MANIFEST_NAME))
-                            and any(n.endswith((".tar", ".tar.gz", ".tgz")) or os.path.isdir(core.join(root, n))
+        return load_manifest(root), root.rpartition("/")[0] or "."
+    if is_pattern(root) or (is_local(root) and os.path.isdir(root)
+                            and not os.path.isfile(join(root, MANIFEST_NAME))
+                            and any(n.endswith((".tar", ".tar.gz", ".tgz")) or os.path.isdir(join(root, n))
                                     for n in os.listdir(root))):
         return index_source(root), root
-    return core.load_manifest(root), root
+    return load_manifest(root), root
 
 
 class ShardSet:
@@ -83,21 +121,21 @@ class ShardSet:
     """
 
     def __init__(self, root: str, *, on_bad_sample: str = "raise") -> None:
-        if on_bad_sample not in core.ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be one of {core.ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         self.root = os.fspath(root)
         self.manifest, self.base = open_manifest(self.root)
-        if problems := core.local_file_problems(self.manifest, self.base):
+        if problems := local_file_problems(self.manifest, self.base):
             raise ShardError(f"shard set {self.root} does not match its manifest: {'; '.join(problems)}; "
-                             f"{core.verify_hint(self.root)}, then {core.rebuild_hint(self.root)}")
+                             f"{verify_hint(self.root)}, then {rebuild_hint(self.root)}")
         self.class_names: list[str] = list(self.manifest["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size = int(self.manifest["image"]["short_side"])
         self.skipped: list[SkippedSample] = []
         self._bad_keys: dict[str, set[str]] = defaultdict(set)
-        layout = core.Layout.of(self.manifest)
-        self._reader = core.Reader(self.root, self.base, self.manifest, layout)
-        self._decoder = core.Decoder(self.root, layout, on_bad_sample)
+        layout = Layout.of(self.manifest)
+        self._reader = Reader(self.root, self.base, self.manifest, layout)
+        self._decoder = Decoder(self.root, layout, on_bad_sample)
         self._index: dict[str, list[tuple[int, int, str, int]]] = {}
 
     def count(self, split: str) -> int:
@@ -108,11 +146,11 @@ class ShardSet:
         """URLs (or paths) of the shards of ``split``, in manifest order (a shard split across two
         splits by an indexed validation carve is listed in both)."""
         self._counts(split)
-        return [core.entry_url(self.base, e) for e in self.manifest["shards"] if e["split"] == split]
+        return [entry_url(self.base, e) for e in self.manifest["shards"] if e["split"] == split]
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0, rank: int = 0,
                       world_size: int = 1, num_streams: int = 8, real_res: int | None = None,
-                      num_workers: int = 0, shuffle_buffer: int = core.SHUFFLE_BUFFER
+                      num_workers: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This rank's share of the global training batch of step ``start_step``, ``start_step + 1``, …
 
@@ -151,7 +189,7 @@ class ShardSet:
         size, _ = self._sizes(real_res, None)
         if num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"need num_workers ≥ 0 and shuffle_buffer ≥ 1, got {num_workers}, {shuffle_buffer}")
-        shares, mine = core.stream_layout(batch_size, num_streams, rank, world_size, start_step)
+        shares, mine = stream_layout(batch_size, num_streams, rank, world_size, start_step)
         plans = self._stream_plans(num_streams)
         active = tuple((v, plans[v], shares[v]) for v in mine if shares[v])
         first = np.cumsum([0, *shares]).tolist()
@@ -160,17 +198,17 @@ class ShardSet:
         if not active:
             return self._empty(size)
         tasks = self._train_tasks(active, seed, start_step, size, shuffle_buffer)
-        return self._serve(core.decode_pool(self._decoder, tasks, num_workers), positions)
+        return self._serve(decode_pool(self._decoder, tasks, num_workers), positions)
 
-    def _train_tasks(self, active: tuple[tuple[int, core.StreamPlan, int], ...], seed: int, start_step: int,
-                     size: int, shuffle_buffer: int) -> Iterator[core.TrainTask]:
-        streams = [(v, share, core.Lookahead(self._reader.stream_items(v, plan, share, seed, start_step,
+    def _train_tasks(self, active: tuple[tuple[int, StreamPlan, int], ...], seed: int, start_step: int,
+                     size: int, shuffle_buffer: int) -> Iterator[TrainTask]:
+        streams = [(v, share, Lookahead(self._reader.stream_items(v, plan, share, seed, start_step,
                                                                        shuffle_buffer)))
                    for v, plan, share in active]
         for step in count(start_step):
-            yield core.TrainTask([(v, s.take(share), s.peek(core.SPARES)) for v, share, s in streams], size, step)
+            yield TrainTask([(v, s.take(share), s.peek(SPARES)) for v, share, s in streams], size, step)
 
-    def _stream_plans(self, num_streams: int) -> list[core.StreamPlan]:
+    def _stream_plans(self, num_streams: int) -> list[StreamPlan]:
         """Every virtual stream's units: whole shards dealt round-robin, or every shard sliced by stride."""
         self._counts("train")
         shards, offset = [], 0
@@ -188,7 +226,7 @@ class ShardSet:
                       if (n_v := len(range((v - off) % num_streams, n, num_streams))))
                 for v in range(num_streams)]
 
-    def _serve(self, decoded: Iterator[core.Decoded], positions: torch.Tensor
+    def _serve(self, decoded: Iterator[Decoded], positions: torch.Tensor
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for images, labels, _, skipped in decoded:
             self._note_skipped(skipped)
@@ -218,9 +256,9 @@ class ShardSet:
         if batch_size < 1 or num_workers < 0:
             raise ValueError("need batch_size ≥ 1 and num_workers ≥ 0")
         plan = self._plan(split, rank, world_size)
-        items = chain.from_iterable(self._reader.unit_items(core.Unit(*step)) for step in plan)
-        tasks = (core.EvalTask(chunk, size, crop) for chunk in core.batched(items, batch_size))
-        return self._rebatch(core.decode_pool(self._decoder, tasks, num_workers), batch_size)
+        items = chain.from_iterable(self._reader.unit_items(Unit(*step)) for step in plan)
+        tasks = (EvalTask(chunk, size, crop) for chunk in batched(items, batch_size))
+        return self._rebatch(decode_pool(self._decoder, tasks, num_workers), batch_size)
 
     def iter_split(self, split: str, *, resize: int | None = None, crop: int | None = None,
                    batch_size: int = 256) -> Iterator[Batch]:
@@ -239,7 +277,7 @@ class ShardSet:
         for c, refs in enumerate(self._class_refs(split)):
             if len(refs) < n:
                 raise ValueError(f"class {self.class_names[c]!r} has only {len(refs)} {split} samples, n={n}")
-            order = np.random.default_rng([core.TAG_PICK, seed, c]).permutation(len(refs))
+            order = np.random.default_rng([TAG_PICK, seed, c]).permutation(len(refs))
             queues.append([refs[i] for i in order])
         chosen: list[list[np.ndarray]] = [[] for _ in queues]
         cursor = [0] * len(queues)
@@ -249,7 +287,7 @@ class ShardSet:
                 take = queue[cursor[c]:cursor[c] + n - len(chosen[c])]
                 if len(chosen[c]) < n and not take:
                     raise ShardError(f"class {self.class_names[c]!r} has fewer than n={n} decodable {split} "
-                                     f"samples in {self.root}; {core.verify_hint(self.root)}")
+                                     f"samples in {self.root}; {verify_hint(self.root)}")
                 cursor[c] += len(take)
                 wanted.update(dict.fromkeys(take, c))
             if not wanted:
@@ -258,7 +296,7 @@ class ShardSet:
                 if array is not None:
                     chosen[wanted[ref]].append(array)
         labels = torch.arange(self.num_classes).repeat_interleave(n)
-        return core.to_tensor([a for arrays in chosen for a in arrays], crop), labels
+        return to_tensor([a for arrays in chosen for a in arrays], crop), labels
 
     def class_images(self, cls: int, *, split: str = "train", resize: int | None = None,
                      crop: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -269,7 +307,7 @@ class ShardSet:
         rows = [(s, p, k) for s, p, k, label in self._index_of(split) if label == cls]
         got = self._fetch([(s, p) for s, p, _ in rows], size, crop)
         kept = [(got[s, p], k) for s, p, k in rows if got[s, p] is not None]
-        return core.to_tensor([a for a, _ in kept], crop), [k for _, k in kept]
+        return to_tensor([a for a, _ in kept], crop), [k for _, k in kept]
 
     def _counts(self, split: str) -> list[int]:
         if split not in SPLITS:
@@ -303,7 +341,7 @@ class ShardSet:
             return [(i, off, 1, 0) for i, off in shards[rank::world_size]]
         return [(i, off, world_size, rank) for i, off in shards]
 
-    def _rebatch(self, decoded: Iterable[core.Decoded], batch_size: int) -> Iterator[Batch]:
+    def _rebatch(self, decoded: Iterable[Decoded], batch_size: int) -> Iterator[Batch]:
         queue: deque[list[Any]] = deque()
         have = 0
         for images, labels, keys, skipped in decoded:
@@ -328,9 +366,9 @@ class ShardSet:
                 for pos, sample in self._reader.entry_samples(i):
                     key = sample["__key__"]
                     try:
-                        rows.append((i, pos, key, core.parse_label(core.members_of(sample), key,
+                        rows.append((i, pos, key, parse_label(members_of(sample), key,
                                                                     self._reader.layout)))
-                    except core.BadSample as bad:
+                    except BadSample as bad:
                         self._note_skipped([self._decoder.bad(self._reader.url(i), bad)])
             self._index[split] = rows
         return self._index[split]
@@ -352,10 +390,10 @@ class ShardSet:
             for pos, sample in self._reader.entry_samples(entry):
                 if pos not in wanted:
                     continue
-                item = (sample["__key__"], url, core.members_of(sample), None, None)
+                item = (sample["__key__"], url, members_of(sample), None, None)
                 try:
-                    out[entry, pos] = core.crop_array(self._decoder.image(item, size)[0], crop)
-                except core.BadSample as bad:
+                    out[entry, pos] = crop_array(self._decoder.image(item, size)[0], crop)
+                except BadSample as bad:
                     self._note_skipped([self._decoder.bad(url, bad)])
                     out[entry, pos] = None
         return {ref: out[ref] for ref in refs}
@@ -369,11 +407,11 @@ class ShardSet:
             self.skipped.append(s)
             warnings.warn(f"skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}", stacklevel=4)
             total = sum(int(e["count"]) for e in self.manifest["shards"]
-                        if core.entry_url(self.base, e) == s.shard)
+                        if entry_url(self.base, e) == s.shard)
             if len(bad) >= total:
                 raise ShardError(f"shard {s.shard}: none of its {total} samples decodes (e.g. key {s.key}: "
-                                 f"{s.reason}); {core.verify_hint(self.root)}, then fix or drop that shard "
-                                 f"({core.rebuild_hint(self.root)})")
+                                 f"{s.reason}); {verify_hint(self.root)}, then fix or drop that shard "
+                                 f"({rebuild_hint(self.root)})")
 
 
 def _pop(queue: deque[list[Any]], n: int) -> Batch:
@@ -414,8 +452,8 @@ def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[
     """
     root = os.fspath(root)
     m, base = open_manifest(root)
-    layout = core.Layout.of(m)
-    problems = core.local_file_problems(m, base)
+    layout = Layout.of(m)
+    problems = local_file_problems(m, base)
     listed = "\n".join(problems)
     tolerated: list[str] = []
     sink = tolerated if on_bad_sample == "skip" else problems
@@ -424,22 +462,22 @@ def verify(root: str, *, on_bad_sample: str = "raise") -> tuple[list[str], list[
     damaged: set[str] = set()
     by_url: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in m["shards"]:
-        by_url[core.entry_url(base, entry)].append(entry)
+        by_url[entry_url(base, entry)].append(entry)
     for url, entries in by_url.items():
         first, before = entries[0], len(problems) + len(tolerated)
         owner = {int(p): e["split"] for e in entries for p in e.get("positions", ())} if "positions" in first \
             else None
-        stats = core.ReadStats()
+        stats = ReadStats()
         if f"shard {url} is listed in the manifest but missing" not in listed:
             try:
-                for p, sample in enumerate(core.shard_samples(url, layout.members, stats=stats, hashing=True)):
+                for p, sample in enumerate(shard_samples(url, layout.members, stats=stats, hashing=True)):
                     split = first["split"] if owner is None else owner.get(p)
                     if split is None:
                         continue  # left out when the set was indexed
                     key = sample["__key__"]
                     try:
-                        img, label = core.decode_sample((key, core.members_of(sample)), layout)
-                    except core.BadSample as bad:
+                        img, label = decode_sample((key, members_of(sample)), layout)
+                    except BadSample as bad:
                         sink.append(f"shard {url}, key {bad.key}: {bad.reason}")
                         continue
                     if layout.resized and min(img.size) != size:
@@ -478,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"holding them; images {' '.join(IMAGE_SUFFIXES)}) and hf (saved with save_to_disk)")
     b.add_argument("--out", help="output folder (default: shards/SOURCE or shards/<DIR's name>)")
     b.add_argument("--real-res", type=int, help="stored short side in pixels (default 256; digits 32)")
-    b.add_argument("--format", choices=core.IMAGE_FORMATS, help="encoding (default jpg; digits png)")
+    b.add_argument("--format", choices=IMAGE_FORMATS, help="encoding (default jpg; digits png)")
     b.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
@@ -491,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--image-column", default="image", help="hf: image column (default image)")
     b.add_argument("--label-column", default="label", help="hf: label column (default label)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, once built")
-    b.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+    b.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="raise",
                    help="skip: leave out undecodable source images (listed in the manifest)")
     i = sub.add_parser("index", help="write a manifest for existing WebDataset shards (no image is rewritten)")
     i.add_argument("source", help="the train shards: a brace or glob pattern (DIR/train-{000000..000146}.tar, "
@@ -503,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                    "KEY:FIELD to take each class's name from a field of the JSON member KEY; default: a "
                    "classnames.txt beside the shards, else the class indices")
     i.add_argument("--image-key", help="the image member's extension (default: found among "
-                   f"{', '.join(core.IMAGE_KEYS[:6])}, …)")
+                   f"{', '.join(IMAGE_KEYS[:6])}, …)")
     i.add_argument("--label-key", default="cls", help="the label member: cls (an integer, the default), "
                    "another extension, or KEY:FIELD for a field of a JSON member (e.g. json:label)")
     i.add_argument("--val-fraction", type=float, default=0.0,
@@ -512,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default 0)")
     i.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="scanning processes")
     i.add_argument("--overwrite", action="store_true", help="replace an existing manifest.json in --out")
-    i.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+    i.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="raise",
                    help="skip: leave out samples without an image or with a bad label (counted and listed)")
     v = sub.add_parser("verify", help="check hashes and counts and decode every sample")
     v.add_argument("root", help="shard set folder, URL prefix, manifest file or shard pattern")
-    v.add_argument("--on-bad-sample", choices=core.ON_BAD_SAMPLE, default="raise",
+    v.add_argument("--on-bad-sample", choices=ON_BAD_SAMPLE, default="raise",
                    help="skip: report bad samples, and pass if nothing else is wrong")
     args = parser.parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
@@ -546,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {line}", file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
-        print(f"FAILED {summary}: {len(problems)} problems; {core.rebuild_hint(args.root)}", file=sys.stderr)
+        print(f"FAILED {summary}: {len(problems)} problems; {rebuild_hint(args.root)}", file=sys.stderr)
         return 1
     print(f"OK {summary}; sizes, sha256 and counts match, every sample decodes"
           + (f", {len(tolerated)} bad samples tolerated" if tolerated else ""))

@@ -40,7 +40,8 @@ from PIL import Image
 
 from lgm_ray import __version__
 from lgm_ray.seeds import derive_seed
-from lgm_ray.shards_stream import FORMAT_VERSION, MANIFEST_NAME, ShardError, resize_short
+from lgm_ray.shards_decode import resize_short
+from lgm_ray.shards_format import FORMAT_VERSION, MANIFEST_NAME, ShardError
 
 SOURCES = ("digits", "imagefolder", "hf")
 SPLITS = ("train", "test", "val")  # this order seeds each split's shard shuffle: do not reorder

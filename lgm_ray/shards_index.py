@@ -12,14 +12,14 @@ Where the shards are (SOURCE, ``--test``): a brace pattern ``DIR/train-{000000..
 or shards whose names say their split (``…-train-0000.tar``, ``…-validation-00.tar``; all train when
 none does).
 
-Images: the first member among :data:`lgm_ray.shards_stream.IMAGE_KEYS` (jpg, jpeg, png, webp, …) a
+Images: the first member among :data:`lgm_ray.shards_format.IMAGE_KEYS` (jpg, jpeg, png, webp, …) a
 sample holds, or ``--image-key``. Labels: ``cls`` (an integer) by default, another member
 (``--label-key txt``), or a JSON member's field (``--label-key json:label``; a dotted field reaches into
 nested objects); integers are class indices, other values class names. Class names: ``--classnames FILE``
 (one per line, as ``classnames.txt``), ``--classnames json:class_name`` (each sample's JSON names its
 class), else a ``classnames.txt`` beside the train shards (or one folder up), else the indices.
 
-Bad input raises one :class:`~lgm_ray.shards_stream.ShardError` naming it and the fix, before anything is
+Bad input raises one :class:`~lgm_ray.shards_format.ShardError` naming it and the fix, before anything is
 written: a pattern that matches nothing (or only in part), a class-names file whose length disagrees
 with the labels, a label outside the classes, a sample without an image, a truncated shard. Under
 ``--on-bad-sample skip`` the bad *samples* are left out instead (the manifest keeps only the good
@@ -50,8 +50,17 @@ from typing import Any
 from PIL import Image
 
 from lgm_ray import __version__
-from lgm_ray import shards_stream as core
-from lgm_ray.shards_stream import ShardError
+from lgm_ray.shards_decode import ON_BAD_SAMPLE, BadSample, image_payload, json_field
+from lgm_ray.shards_format import (
+    IMAGE_KEYS,
+    INDEX_FORMAT_VERSION,
+    MANIFEST_NAME,
+    ShardError,
+    check_manifest,
+    is_local,
+    join,
+)
+from lgm_ray.shards_io import ReadStats, members_of, read_bytes, shard_samples
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -64,7 +73,7 @@ _CACHE: dict[str, dict[str, Any]] = {}
 def is_pattern(spec: str) -> bool:
     """Whether ``spec`` names shards (a brace or glob pattern, ``A::B``, or a shard file) rather than a set."""
     return ("{" in spec and "}" in spec) or "::" in spec or spec.rstrip().endswith(TAR_SUFFIXES) \
-        or (core.is_local(spec) and bool(_GLOB.search(spec)))
+        or (is_local(spec) and bool(_GLOB.search(spec)))
 
 
 def expand(spec: str) -> list[str]:
@@ -81,7 +90,7 @@ def expand(spec: str) -> list[str]:
         if url.startswith("pipe:"):
             found.append(url)  # a command: whether it works shows when it runs
             continue
-        if not core.is_local(url) and not url.startswith("file://"):
+        if not is_local(url) and not url.startswith("file://"):
             matches = _remote_matches(url)
             found += [url] if matches is None else matches
             missing += [] if matches is None or matches else [url]
@@ -159,7 +168,7 @@ def discover(folder: str) -> dict[str, list[str]]:
 
 def sources_of(source: str, test: str | None = None) -> dict[str, list[str]]:
     """Shard URLs by split for an ``index`` SOURCE (pattern or folder) and its ``--test``."""
-    if core.is_local(source) and os.path.isdir(source) and not is_pattern(source):
+    if is_local(source) and os.path.isdir(source) and not is_pattern(source):
         splits = discover(source)
     else:
         splits = {"train": expand(source)}
@@ -183,7 +192,7 @@ class Spec:
 
     @property
     def members(self) -> frozenset[str]:
-        return frozenset({*core.IMAGE_KEYS, self.label_key} | {k for k in (self.image_key, self.names_key) if k})
+        return frozenset({*IMAGE_KEYS, self.label_key} | {k for k in (self.image_key, self.names_key) if k})
 
 
 @dataclass
@@ -208,45 +217,45 @@ def label_value(parts: dict[str, bytes], key: str, spec: Spec) -> int | str:
     """A sample's raw label: an int (class index) or a str (class name)."""
     raw = parts.get(spec.label_key)
     if raw is None:
-        raise core.BadSample(key, f"has no '{spec.label_key}' label (members: {sorted(parts)}); name the "
+        raise BadSample(key, f"has no '{spec.label_key}' label (members: {sorted(parts)}); name the "
                                   "label's member with --label-key")
     try:
-        value = core.json_field(json.loads(raw), spec.label_field) if spec.label_field \
+        value = json_field(json.loads(raw), spec.label_field) if spec.label_field \
             else raw.decode("utf-8").strip()
     except (ValueError, KeyError, TypeError, IndexError) as e:
         what = f"field {spec.label_field!r} of '{spec.label_key}'" if spec.label_field else f"'{spec.label_key}'"
-        raise core.BadSample(key, f"{what} is unusable ({type(e).__name__}: {e})") from None
+        raise BadSample(key, f"{what} is unusable ({type(e).__name__}: {e})") from None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise core.BadSample(key, f"label {value!r} is neither an integer nor a class name")
+        raise BadSample(key, f"label {value!r} is neither an integer nor a class name")
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
         value = int(value)
     if isinstance(value, int) and value < 0:
-        raise core.BadSample(key, f"label {value} is negative")
+        raise BadSample(key, f"label {value} is negative")
     return value
 
 
 def scan_shard(url: str, split: str, spec: Spec) -> ShardScan:
     """Read one shard through webdataset: sizes, hash, per-sample label and image header; no decoding."""
-    scan, stats = ShardScan(url, split), core.ReadStats()
-    keys = (spec.image_key,) if spec.image_key else core.IMAGE_KEYS
-    for p, sample in enumerate(core.shard_samples(url, spec.members, stats=stats, hashing=True)):
-        key, parts = sample["__key__"], core.members_of(sample)
+    scan, stats = ShardScan(url, split), ReadStats()
+    keys = (spec.image_key,) if spec.image_key else IMAGE_KEYS
+    for p, sample in enumerate(shard_samples(url, spec.members, stats=stats, hashing=True)):
+        key, parts = sample["__key__"], members_of(sample)
         try:
-            ext, payload = core.image_payload(parts, key, keys)
+            ext, payload = image_payload(parts, key, keys)
             value = label_value(parts, key, spec)
             name = None
             if spec.names_key:
                 try:
-                    name = str(core.json_field(json.loads(parts[spec.names_key]), spec.names_field or ""))
+                    name = str(json_field(json.loads(parts[spec.names_key]), spec.names_field or ""))
                 except (ValueError, KeyError, TypeError, IndexError) as e:
-                    raise core.BadSample(key, f"no class name in field {spec.names_field!r} of "
+                    raise BadSample(key, f"no class name in field {spec.names_field!r} of "
                                               f"'{spec.names_key}' ({type(e).__name__}: {e})") from None
             try:
                 with Image.open(io.BytesIO(payload)) as img:
                     side = min(img.size)
             except Exception as e:  # PIL raises many types on malformed headers
-                raise core.BadSample(key, f"image does not decode ({type(e).__name__}: {e})") from None
-        except core.BadSample as bad:
+                raise BadSample(key, f"image does not decode ({type(e).__name__}: {e})") from None
+        except BadSample as bad:
             scan.bad.append((p, bad.key, bad.reason))
             continue
         scan.positions.append(p)
@@ -266,7 +275,7 @@ def _scan_task(task: tuple[str, str, Spec]) -> ShardScan:
 def read_classnames(path: str) -> list[str]:
     """Class names, one per line (blank lines ignored), from a local file or URL."""
     try:
-        text = core.read_bytes(path).decode("utf-8")
+        text = read_bytes(path).decode("utf-8")
     except Exception as e:  # missing file, network, not UTF-8
         raise ShardError(f"cannot read the class-names file {path} ({type(e).__name__}: {e}); give a text "
                          "file with one class name per line") from None
@@ -282,11 +291,11 @@ def _nearby_classnames(url: str) -> str | None:
         return None
     folder = url.rpartition("/")[0] or "."
     for where in (folder, folder.rpartition("/")[0]):
-        candidate = core.join(where or ".", CLASSNAMES_FILE)
-        if core.is_local(candidate) and not os.path.isfile(candidate):
+        candidate = join(where or ".", CLASSNAMES_FILE)
+        if is_local(candidate) and not os.path.isfile(candidate):
             continue
         try:
-            core.read_bytes(candidate)
+            read_bytes(candidate)
             return candidate
         except Exception:  # not there (remote): indices then
             continue
@@ -321,8 +330,8 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     Raises:
         ShardError: bad shards or samples (module doc); ValueError: bad options.
     """
-    if on_bad_sample not in core.ON_BAD_SAMPLE:
-        raise ValueError(f"on_bad_sample must be one of {core.ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"need --val-fraction in [0, 1), got {val_fraction}")
     if val_fraction > 0 and "val" in splits:
@@ -331,7 +340,7 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     log = log or sys.stderr
     label_key, label_field = _split_arg(label_key)
     from_file = not classnames or ":" not in classnames or os.path.exists(classnames) \
-        or not core.is_local(classnames)
+        or not is_local(classnames)
     names_key, names_field = (None, None) if from_file else _split_arg(classnames)
     spec = Spec(image_key.lower() if image_key else None, (label_key or "cls").lower(), label_field, names_key,
                 names_field)
@@ -394,10 +403,10 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     found_keys = Counter()
     for s in scans:
         found_keys.update(s.image_keys)
-    keys = [spec.image_key] if spec.image_key else [k for k in core.IMAGE_KEYS if found_keys[k]]
+    keys = [spec.image_key] if spec.image_key else [k for k in IMAGE_KEYS if found_keys[k]]
     sides = [side for s in scans for i, side in enumerate(s.sides) if (id(s), i) not in drop]
     manifest = {
-        "format": "lgm_ray.shards", "format_version": core.INDEX_FORMAT_VERSION,
+        "format": "lgm_ray.shards", "format_version": INDEX_FORMAT_VERSION,
         "name": Path(out).name if out else Path(prefix.rstrip("/") or "shards").name,
         "source": {"kind": "index", "splits": {k: len(v) for k, v in splits.items()},
                    "class_names": names_file or (f"{names_key}:{names_field}" if names_key else "indices"),
@@ -413,7 +422,7 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
                   **({"val_fraction": val_fraction, "val_seed": val_seed} if carve else {})},
         "shards": entries, "skipped": skipped, "lgm_ray_version": __version__,
     }
-    core.check_manifest(manifest, out or "(in memory)")
+    check_manifest(manifest, out or "(in memory)")
     print(f"[shards] indexed {len(scans)} shards, {len(class_names)} classes, samples: "
           f"{', '.join(f'{k} {sum(v)}' for k, v in counts.items())}; {len(skipped)} skipped "
           f"({time.monotonic() - started:.1f} s)", file=log, flush=True)
@@ -474,10 +483,10 @@ def _relative(url: str, prefix: str) -> str:
 
 def _stored_url(url: str, out: str | None) -> str:
     """A local shard inside ``out`` relative to it (the folder stays movable), others absolute."""
-    if not core.is_local(url):
+    if not is_local(url):
         return url
     path = os.path.abspath(url)
-    if out and core.is_local(out):
+    if out and is_local(out):
         rel = os.path.relpath(path, os.path.abspath(out))
         if not rel.startswith(".."):
             return rel
@@ -506,8 +515,8 @@ def index(source: str, *, out: str, test: str | None = None, classnames: str | N
     target = Path(out)
     if target.exists() and not target.is_dir():
         raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
-    if (target / core.MANIFEST_NAME).exists() and not overwrite:
-        raise ShardError(f"{target / core.MANIFEST_NAME} exists; pass --overwrite to replace it (only once the "
+    if (target / MANIFEST_NAME).exists() and not overwrite:
+        raise ShardError(f"{target / MANIFEST_NAME} exists; pass --overwrite to replace it (only once the "
                          "new one is complete) or choose another --out")
     manifest = scan(sources_of(source, test), classnames=classnames, image_key=image_key, label_key=label_key,
                     val_fraction=val_fraction, val_seed=val_seed, workers=workers, on_bad_sample=on_bad_sample,
@@ -516,8 +525,8 @@ def index(source: str, *, out: str, test: str | None = None, classnames: str | N
                             ("--image-key", image_key), ("--label-key", label_key)) if v for x in (k, v)]
     manifest["command"] = shlex.join(["python", "-m", "lgm_ray.shards", *(command or ["index", source, *flags])])
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".{core.MANIFEST_NAME}.{os.getpid()}.tmp"
+    tmp = target / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, target / core.MANIFEST_NAME)
-    print(f"[shards] wrote {target / core.MANIFEST_NAME}", file=sys.stderr, flush=True)
+    os.replace(tmp, target / MANIFEST_NAME)
+    print(f"[shards] wrote {target / MANIFEST_NAME}", file=sys.stderr, flush=True)
     return manifest

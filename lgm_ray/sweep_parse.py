@@ -387,8 +387,8 @@ def _check_points(spec: SweepSpec) -> None:
 def check_datasets(spec: SweepSpec) -> None:
     """Every dataset's shards exist and open (or can be built offline on demand)."""
     from lgm_ray.shards import ShardError, ShardSet
+    from lgm_ray.shards_format import is_local
     from lgm_ray.shards_index import is_pattern
-    from lgm_ray.shards_stream import is_local
 
     for ds in spec.datasets:
         # A folder must hold a manifest (or be built); patterns and manifest files are opened as they are.

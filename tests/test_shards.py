@@ -303,9 +303,17 @@ def test_webdataset_reads_the_shards(fixture: str, request: pytest.FixtureReques
 
 def test_no_hand_written_tar_reading() -> None:
     """The tar work is webdataset's: lgm_ray's shard modules do not use tarfile themselves."""
-    from lgm_ray import shards, shards_build, shards_index, shards_stream
+    from lgm_ray import (
+        shards,
+        shards_build,
+        shards_decode,
+        shards_format,
+        shards_index,
+        shards_io,
+        shards_stream,
+    )
 
-    for module in (shards, shards_build, shards_index, shards_stream):
+    for module in (shards, shards_build, shards_decode, shards_format, shards_index, shards_io, shards_stream):
         assert "tarfile" not in vars(module), module.__name__
 
 
@@ -430,10 +438,10 @@ def test_remote_urls(square_set: Path) -> None:
 
 def test_shards_stream_never_whole(digits_shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first batch comes after reading a small part of a 1,000-sample shard: buffers, not shards."""
-    from lgm_ray import shards_stream
+    from lgm_ray import shards_io
 
     reads: list[int] = []
-    real = shards_stream.open_stream
+    real = shards_io.open_stream
 
     class Counting:
         def __init__(self, stream) -> None:
@@ -447,7 +455,7 @@ def test_shards_stream_never_whole(digits_shards: str, monkeypatch: pytest.Monke
         def close(self) -> None:
             self.stream.close()
 
-    monkeypatch.setattr(shards_stream, "open_stream", lambda url: reads.append(0) or Counting(real(url)))
+    monkeypatch.setattr(shards_io, "open_stream", lambda url: reads.append(0) or Counting(real(url)))
     s = ShardSet(digits_shards)
     smallest = min(e["bytes"] for e in s.manifest["shards"])
     for make in (lambda: s.train_batches(8, seed=0, num_streams=1, shuffle_buffer=16),

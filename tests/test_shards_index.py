@@ -22,8 +22,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lgm_ray import shards_stream as core
 from lgm_ray.shards import ShardError, ShardSet, index, main, verify
+from lgm_ray.shards_decode import crop_array, resize_short
 
 NAMES = ["tench", "goldfish", "great white shark"]
 
@@ -87,7 +87,7 @@ def _truth(urls: list[str], image_key: str) -> dict[str, tuple[np.ndarray, int]]
 
 def _as_read(image: np.ndarray, side: int) -> bytes:
     """What the reader makes of a decoded image at resize = crop = ``side`` (its own helpers)."""
-    return core.crop_array(core.resize_short(Image.fromarray(image), side), side).tobytes()
+    return crop_array(resize_short(Image.fromarray(image), side), side).tobytes()
 
 
 def _read(shards: ShardSet, split: str, side: int = 16) -> dict[str, tuple[bytes, int]]:

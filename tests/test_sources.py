@@ -13,7 +13,7 @@ from itertools import islice
 import pytest
 import torch
 
-from lgm_ray import shards_stream
+from lgm_ray import shards_decode
 from lgm_ray.digits import load_digits_split
 from lgm_ray.sources import DigitsSource, RealBatch, ShardSource
 
@@ -113,8 +113,8 @@ def test_start_step_resumes_exactly(source: DigitsSource | ShardSource, referenc
 def test_fast_forward_decodes_only_where_it_lands(dealt_shards: str, digits_shards: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     decoded = []
-    real_decode = shards_stream.decode_sample
-    monkeypatch.setattr(shards_stream, "decode_sample", lambda *a: decoded.append(1) or real_decode(*a))
+    real_decode = shards_decode.decode_sample
+    monkeypatch.setattr(shards_decode, "decode_sample", lambda *a: decoded.append(1) or real_decode(*a))
     for root in (dealt_shards, digits_shards):
         src = ShardSource(root)
         far = 10**7  # 5·10⁸ samples in: a stream read from step 0 would decode for hours
