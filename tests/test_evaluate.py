@@ -1,4 +1,4 @@
-"""Evaluation end to end on the digits shards and the shipped demo backbone (lgm_ray.evaluate)."""
+"""Evaluation end to end on the digits shards and the shipped demo backbone (lgm_ray.evaluate, lgm_ray.cross_model)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import lgm_ray.feature_cache as fc
 from lgm_ray import backbones, probe
+from lgm_ray import cross_model as cm
 from lgm_ray import evaluate as ev
 from lgm_ray.config import DistillConfig
 from lgm_ray.models.digits_cnn import DigitsCNN
@@ -136,7 +137,7 @@ def _scores_by_hand(images, labels, shards, seed: int, *, epochs: int, res: int 
 
 def _cli(capsys, *argv: str) -> tuple[dict, str, str]:
     """Run the command in-process with --json; return (its JSON, stdout, stderr)."""
-    assert ev.main([*argv, "--json"]) == 0
+    assert cm.main([*argv, "--json"]) == 0
     out, err = capsys.readouterr()
     return json.loads(out.strip().splitlines()[-1]), out, err
 
@@ -498,15 +499,15 @@ def test_one_backbone_evaluations_never_use_ray(digits_shards, real_set, cache_d
     monkeypatch.setitem(sys.modules, "ray", _fake_ray(initialized=True))  # a driver with Ray up
     ev.evaluate_synset(images, labels, BACKBONE, digits_shards, **kw)
     ev.evaluate_baseline("centroids", BACKBONE, digits_shards, **kw)
-    assert len(ev.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, parallel=False,
+    assert len(cm.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, parallel=False,
                                        **kw)) == 1
     with pytest.raises(AssertionError, match="Ray was used"):  # auto in a driver with Ray up: Ray tasks
-        ev.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, **kw)
+        cm.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, **kw)
     monkeypatch.setitem(sys.modules, "ray", _fake_ray(initialized=True, actor_id="a1"))  # inside a trial
-    assert len(ev.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, **kw)) == 1
+    assert len(cm.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, **kw)) == 1
     monkeypatch.setitem(sys.modules, "ray", _fake_ray(initialized=False))
     with pytest.raises(ev.EvaluationInputError, match="Ray is not initialised in this process; call ray.init"):
-        ev.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, parallel=True, **kw)
+        cm.evaluate_cross_model([BACKBONE], digits_shards, images=images, labels=labels, parallel=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -525,14 +526,14 @@ def two_models(digits_shards, real_set, random_weights, cache_dir):
     """One set on two models (the demo backbone, and its architecture with random weights), in order."""
     images, labels, _ = real_set
     kw = {"images": images, "labels": labels, "weights": [None, random_weights], "cache_dir": cache_dir, **FAST}
-    sequential = ev.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, parallel=False, **kw)
+    sequential = cm.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, parallel=False, **kw)
     assert _summary(sequential[0]) != _summary(sequential[1])  # two models, two different results
     return kw, sequential
 
 
 def test_cross_model_as_ray_tasks_equals_sequential(digits_shards, two_models, local_ray):
     kw, sequential = two_models
-    on_ray = ev.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, **kw)  # auto, from the driver
+    on_ray = cm.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, **kw)  # auto, from the driver
     assert [_summary(r) for r in on_ray] == [_summary(r) for r in sequential]
 
 
@@ -553,14 +554,14 @@ def test_cross_model_inside_a_trial_stays_in_the_trials_placement_group(digits_s
         def evaluate(self, parallel, forbid_tasks: bool):
             import ray as ray_in_trial
 
-            from lgm_ray import evaluate
+            from lgm_ray import cross_model as cm
 
             if forbid_tasks:
                 def no_tasks(*args, **kwargs):
                     raise AssertionError("a Ray task was started")
 
                 ray_in_trial.remote = no_tasks
-            return evaluate.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, parallel=parallel, **kw)
+            return cm.evaluate_cross_model([BACKBONE, BACKBONE], digits_shards, parallel=parallel, **kw)
 
     try:
         trial = Trial.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote()
@@ -627,7 +628,7 @@ def test_bad_inputs_fail_with_one_clear_line(case, expected, digits_shards, tmp_
         args["--baseline"], args["--weights"] = "random", str(tmp_path / "nope_weights.pt")
     argv = [x for kv in args.items() for x in kv] + ["--epochs", "1", "--seeds", "1"]
     with pytest.raises(SystemExit) as exc:
-        ev.main(argv)
+        cm.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -643,7 +644,7 @@ def test_internal_errors_are_not_dressed_up_as_usage_errors(digits_shards, synse
 
     monkeypatch.setattr(probe, "train_probe_on_images", broken)
     with pytest.raises(ValueError, match="an internal bug"):  # a traceback, not exit status 2
-        ev.main(["--synset", synset_file, "--backbone", BACKBONE, "--shards", digits_shards, "--epochs", "1",
+        cm.main(["--synset", synset_file, "--backbone", BACKBONE, "--shards", digits_shards, "--epochs", "1",
                  "--seeds", "1", "--cache-dir", cache_dir])
 
 
