@@ -143,12 +143,13 @@ def split_images(shards_root: Path, split: str, res: int) -> tuple[torch.Tensor,
 
 def distill_config(args: argparse.Namespace, backbone: str, shards: Path, res: int) -> DistillConfig:
     data = load_yaml(args.config)
+    data.update(real_res=res, crop_res=res, syn_res=res)  # the data's side; --set may change them
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: write FIELD=VALUE")
         data[key] = yaml.safe_load(value)  # typed as YAML types it: 0.05, true, null
-    data.update(backbone=backbone, shards=str(shards), seed=args.seed, real_res=res, crop_res=res, syn_res=res,
+    data.update(backbone=backbone, shards=str(shards), seed=args.seed,
                 out=str(args.out / "distill" / backbone))
     if args.steps:
         data["steps"] = args.steps
