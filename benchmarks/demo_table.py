@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_shards(data: str, out: Path, val_fraction: float) -> tuple[Path, int]:
     """The shards the table runs on (built once under ``out``) and their image side."""
-    from lgm_ray.shards import main as shards_main
+    from lgm_ray.shards_cli import main as shards_main
 
     if data == "digits":
         root = out / "shards" / f"digits_val{val_fraction:g}"

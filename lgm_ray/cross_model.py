@@ -293,7 +293,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; bad input exits with status 2 and one line naming the problem and the fix."""
-    from lgm_ray.shards import ShardError
+    from lgm_ray.shards_format import ShardError
 
     parser = build_parser()
     args = parser.parse_args(argv)

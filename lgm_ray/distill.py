@@ -34,7 +34,7 @@ from lgm_ray.backbones import BackboneWeightsError, get_spec
 from lgm_ray.checkpoints import Checkpoint, assemble, latest_checkpoint, save_local
 from lgm_ray.config import ConfigError, DistillConfig, load_yaml, write_yaml
 from lgm_ray.loop import SkippedStepsError, grid_path, run_loop
-from lgm_ray.shards import ShardError
+from lgm_ray.shards_format import ShardError
 from lgm_ray.synset import synset_payload
 
 

@@ -260,7 +260,7 @@ def evaluate(
         EvaluationInputError: bad input (unknown backbone or baseline, missing shards or split, a set
             of the wrong form or from other data, …); the message names the fix.
         BackboneWeightsError: the backbone's weights are not available.
-        lgm_ray.shards.ShardError: damaged shards.
+        lgm_ray.shards_format.ShardError: damaged shards.
     """
     t0 = time.perf_counter()
     if baseline is not None and baseline not in bl.BASELINES:

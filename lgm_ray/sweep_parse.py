@@ -386,8 +386,8 @@ def _check_points(spec: SweepSpec) -> None:
 
 def check_datasets(spec: SweepSpec) -> None:
     """Every dataset's shards exist and open (or can be built offline on demand)."""
-    from lgm_ray.shards import ShardError, ShardSet
-    from lgm_ray.shards_format import is_local
+    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards_format import ShardError, is_local
     from lgm_ray.shards_index import is_pattern
 
     for ds in spec.datasets:

@@ -12,8 +12,6 @@ from torch import nn
 
 from lgm_ray import backbones
 from lgm_ray.backbones import (
-    CLIP_MEAN,
-    CLIP_STD,
     Backbone,
     BackboneSpec,
     BackboneWeightsError,
@@ -22,6 +20,7 @@ from lgm_ray.backbones import (
     list_backbones,
     register_build,
 )
+from lgm_ray.backbones_hub import CLIP_MEAN, CLIP_STD
 
 REAL = [
     "clip_vitb16", "clip_vitb32",

@@ -274,7 +274,7 @@ def test_steps_that_stay_non_finite_are_skipped_counted_and_stop_the_run(tmp_pat
 
 
 def test_distills_from_webdataset_shards(tmp_path):
-    from lgm_ray.shards import main as shards_main
+    from lgm_ray.shards_cli import main as shards_main
 
     root = tmp_path / "shards"
     assert shards_main(["build", "digits", "--out", str(root), "--real-res", "16", "--shard-size", "400"]) == 0

@@ -70,7 +70,7 @@ def odd_set_file(real_set, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> str:
     """Digits shards with a validation split held out of train (20 % of each class)."""
-    from lgm_ray.shards import main as shards_main
+    from lgm_ray.shards_cli import main as shards_main
 
     out = tmp_path_factory.mktemp("digits_val") / "digits"
     assert shards_main(["build", "digits", "--out", str(out), "--val-fraction", "0.2"]) == 0

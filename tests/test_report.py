@@ -5,7 +5,7 @@ The sweep folder is made here in :mod:`lgm_ray.sweep`'s layout (no Ray, no disti
 finished trials — the demo backbone on two ablation points, and a second distillation backbone that
 is not in the registry (its embedding map is skipped, as for a set whose backbone is not at hand) —
 one failed trial, three baselines, all logged to MLflow as the sweep logs them
-(:func:`lgm_ray.sweep.log_trial_result`). Known numbers go in; the tests look for them on the page.
+(:func:`lgm_ray.sweep_mlflow.log_trial_result`). Known numbers go in; the tests look for them on the page.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS,
                   "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}}
         (run / "result.json").write_text(json.dumps(result))
         if tracker:
-            from lgm_ray.sweep import log_trial_result
+            from lgm_ray.sweep_mlflow import log_trial_result
 
             child = tracker.child(exp, parent, key, tags={"dataset": "digits", "distill_backbone": backbone})
             log_trial_result(tracker, child, run)

@@ -17,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lgm_ray.shards import ShardError, ShardSet, main, verify
+from lgm_ray.shards import ShardSet
 from lgm_ray.shards_build import build
+from lgm_ray.shards_cli import main, verify
+from lgm_ray.shards_format import ShardError
 
 # ---------------------------------------------------------------- helpers
 

@@ -22,8 +22,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lgm_ray.shards import ShardError, ShardSet, index, main, verify
+from lgm_ray.shards import ShardSet
+from lgm_ray.shards_cli import main, verify
 from lgm_ray.shards_decode import crop_array, resize_short
+from lgm_ray.shards_format import ShardError
+from lgm_ray.shards_index import index
 
 NAMES = ["tench", "goldfish", "great white shark"]
 

@@ -24,7 +24,7 @@ STEPS = 40  # 40 × 50 > 1,437 train samples: past the first epoch of every stre
 @pytest.fixture(scope="module")
 def dealt_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Digits in shards of 100: 15 train shards, at least one whole shard per stream."""
-    from lgm_ray.shards import main
+    from lgm_ray.shards_cli import main
 
     out = tmp_path_factory.mktemp("dealt") / "digits"
     assert main(["build", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1"]) == 0

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lgm_ray.sweep import RESULT_FILE, STATE_FILE, main
+from lgm_ray.sweep import main
+from lgm_ray.sweep_mlflow import STATE_FILE
+from lgm_ray.sweep_trial import RESULT_FILE
 
 pytestmark = pytest.mark.slow
 BACKBONE = "digits_simclr_cnn"
