@@ -75,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.2, help="digits: val carved out of train")
     p.add_argument("--legibility-res", type=int, help="pixel classifier side (default: 8 digits, 14 mnist5k)")
     p.add_argument("--no-cross", action="store_true", help="same-model cells only")
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo_table")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path,
+                   help="work folder (default runs/demo_table, runs/demo_table_mnist5k with --data mnist5k)")
+    args = p.parse_args(argv)
+    if args.out is None:  # each data set its own folder: the distilled sets are kept per backbone
+        args.out = ROOT / "runs" / ("demo_table" if args.data == "digits" else f"demo_table_{args.data}")
+    return args
 
 
 # ---------------------------------------------------------------- data

@@ -17,7 +17,7 @@ from lgm_ray.models.digits_vit import WEIGHTS, DigitsViT
 def main(argv: Sequence[str] | None = None) -> float:
     """Pre-train, save ``lgm_ray/weights/digits_simclr_vit.pt`` (or ``--out``), return the probe's test top-1."""
     return simclr_main(argv, DigitsViT, description=__doc__.split("\n\n")[0], out=WEIGHTS, epochs=120,
-                       lr=1e-3, batch_size=64, temperature=0.2)
+                       lr=1e-3, batch_size=64, temperature=0.2, max_scale=2.0)
 
 
 if __name__ == "__main__":
