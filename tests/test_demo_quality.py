@@ -1,7 +1,7 @@
 """End to end on the offline demo, for every demo backbone: shards → distil (the demo config, shortened)
 → evaluate against the real-image baselines → read the images with a pixel classifier.
 
-The full table (1,000 steps, every backbone evaluating every set, 5 probe seeds) is
+The full table (400 steps, every backbone evaluating every set, 5 probe seeds) is
 ``benchmarks/demo_table.py``; this is the short run that fits CI.
 """
 
