@@ -284,7 +284,7 @@ class Builder:
         return "".join(parts) or '<p class="note">no step grids (grids/step_*.png) found</p>'
 
     def tables(self) -> tuple[str, str]:
-        from lgm_ray.tracking import ablation_table, cross_model_table, heatmap_png
+        from lgm_ray.result_tables import ablation_table, cross_model_table, heatmap_png
 
         cross, abl_parts = [], []
         paper = self.sweep.spec.get("paper")

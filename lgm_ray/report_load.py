@@ -236,13 +236,13 @@ def load_mlflow(experiment: str, tracking_uri: str, work_dir: str | Path, parent
 
 
 def results(sweep: Sweep):
-    """The long results frame (:func:`lgm_ray.tracking.results_frame`) of the finished trials and baselines.
+    """The long results frame (:func:`lgm_ray.result_tables.results_frame`) of the finished trials and baselines.
 
     Baseline rows take the mean and std as recorded (a baseline child run in MLflow holds no per-seed values).
     """
     import pandas as pd
 
-    from lgm_ray.tracking import METRIC_FIELDS, results_frame
+    from lgm_ray.result_tables import METRIC_FIELDS, results_frame
 
     frame = results_frame([t.result for t in sweep.finished], [])
     rows = [{"dataset": b["dataset"], "training_set": b["baseline"], "distill_backbone": "", "ablation": "",

@@ -49,6 +49,7 @@ import yaml
 from ray import tune
 
 from lgm_ray.config import ConfigError
+from lgm_ray.result_tables import write_tables
 from lgm_ray.sweep_baselines import run_baselines
 from lgm_ray.sweep_mlflow import MlflowTrialLogger, start_tracking
 from lgm_ray.sweep_parse import check_resources, load_spec
@@ -62,7 +63,7 @@ from lgm_ray.sweep_trial import (
     trial_name,
     trial_run_dir,
 )
-from lgm_ray.tracking import KIND_TAG, Tracker, resolve_tracking_uri, ui_hint, write_tables
+from lgm_ray.tracking import KIND_TAG, Tracker, resolve_tracking_uri, ui_hint
 
 INTERRUPTED = 130
 
@@ -225,7 +226,7 @@ def finish(
     spec: SweepSpec, tracker: Tracker, exp_id: str, parent: str, baselines: list[dict], uri: str
 ) -> int:
     """Tables on the parent run, printed; unfinished trials marked KILLED; the exit status."""
-    from lgm_ray.tracking import results_frame
+    from lgm_ray.result_tables import results_frame
 
     finished, failed, unfinished = collect(spec)
     for run in tracker.children(exp_id, parent):

@@ -6,18 +6,20 @@ import math
 
 import pytest
 
+from lgm_ray.result_tables import (
+    ablation_table,
+    cross_model_table,
+    results_frame,
+    to_markdown,
+    write_tables,
+)
 from lgm_ray.tracking import (
     KEY_TAG,
     KIND_TAG,
     PARENT_TAG,
     Tracker,
-    ablation_table,
-    cross_model_table,
     resolve_tracking_uri,
-    results_frame,
-    to_markdown,
     ui_hint,
-    write_tables,
 )
 
 
