@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lgm_ray.atomic import replace_with
 from lgm_ray.backbones import BackboneWeightsError, get_spec
 from lgm_ray.checkpoints import Checkpoint, assemble, latest_checkpoint, save_local
 from lgm_ray.config import ConfigError, DistillConfig, load_yaml, write_yaml
@@ -49,17 +50,13 @@ def save_grid(images: torch.Tensor, path: Path, ipc: int) -> None:
     n_classes = images.shape[0] // ipc
     # Images are stored class-major (class 0's ipc images first); show classes along a row.
     order = torch.arange(images.shape[0]).view(n_classes, ipc).t().flatten()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    save_image(images[order].float().cpu(), tmp, nrow=n_classes, padding=2, pad_value=1.0)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: save_image(images[order].float().cpu(), tmp, nrow=n_classes, padding=2,
+                                              pad_value=1.0))
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_roots(out: str | Path) -> list[Path]:

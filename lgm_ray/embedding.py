@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lgm_ray.atomic import save_figure
 
 PROJECTIONS = ("pca", "tsne")
 PERIPHERY_PERCENTILE = 90.0  # "at the periphery": farther from the class mean than 90 % of its real images
@@ -349,13 +350,10 @@ def plot_embedding(emb: SetEmbedding, images: Any, path: str | Path, title: str 
             f"{100 * s.get('frac_negative_margin', float('nan')):.0f}% nearer another class mean")
     ax.set_title((title + "\n" if title else "") + note, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------- features of a saved set

@@ -36,13 +36,13 @@ This module holds the entry points (:func:`build_report`, the CLI) and the MLflo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lgm_ray.atomic import write_text
 from lgm_ray.report_html import Builder, Figure
 from lgm_ray.report_load import ReportError, Sweep, load_mlflow, load_sweep_dir, paper_comparison
 
@@ -164,9 +164,7 @@ def build_report(source: str | Path, out: str | Path, tracking_uri: str | None =
                            max_classes=max_classes, max_steps=max_steps, evolution_classes=evolution_classes)
         page = builder.page()
     index = out / "index.html"
-    tmp_index = out / f".index.{os.getpid()}.tmp"
-    tmp_index.write_text(page, encoding="utf-8")
-    os.replace(tmp_index, index)
+    write_text(index, page)
     if log_mlflow:
         try:
             logged = log_report(sweep, out, builder.figures, builder.child_metrics, sweep.tracking_uri)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lgm_ray.atomic import replace_with, save_figure
 from lgm_ray.report_load import Sweep, ablation_labels
 
 
@@ -76,15 +76,6 @@ def pick_steps(files: list[Path], max_steps: int) -> list[Path]:
     return [files[i] for i in idx]
 
 
-def save_png(fig, path: Path) -> Path:
-    """Write a matplotlib figure to ``path`` atomically (a temporary file, then a rename); returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def loss_curves_png(sweep: Sweep, path: Path):
     """Meta loss over steps, every finished trial on one plot; returns the data as a long frame."""
     import matplotlib
@@ -122,7 +113,7 @@ def loss_curves_png(sweep: Sweep, path: Path):
             handles += [Line2D([], [], color="k", ls=styles[i], label=a) for i, a in enumerate(ablations)]
         ax.legend(handles=handles, fontsize=7, loc="upper right")
     fig.tight_layout()
-    save_png(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return pd.DataFrame(rows, columns=["trial", "dataset", "backbone", "ablation", "seed", "step", "meta_loss"])
 
@@ -151,11 +142,7 @@ def gallery_png(cells: list[list[Any]], row_labels: list[str], col_labels: list[
             if im is not None:
                 fit = Image.Resampling.LANCZOS if max(im.size) > cell_px else Image.Resampling.NEAREST
                 canvas.paste(im.convert("RGB").resize((cell_px, cell_px), fit), (left + j * step + 2, top + i * step + 2))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return replace_with(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def evolution_png(strips: list[tuple[int, Any]], path: Path, title: str) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lgm_ray.atomic import save_figure
 from lgm_ray.report_figures import (
     crop_grid,
     data_uri,
@@ -29,7 +30,6 @@ from lgm_ray.report_figures import (
     loss_curves_png,
     pick_steps,
     pil,
-    save_png,
     step_of,
 )
 from lgm_ray.report_load import Sweep, Trial, paper_comparison, paper_rows, results
@@ -345,7 +345,7 @@ class Builder:
         ax.set_title(f"{ds}: ours vs the paper", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        png = save_png(fig, self.out / "figures" / f"paper_{ds}.png")
+        png = save_figure(fig, self.out / "figures" / f"paper_{ds}.png")
         plt.close(fig)
         self.add_figure(png, cmp)
         return png

@@ -16,9 +16,10 @@ functions that use them, so importing this module stays cheap.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lgm_ray.atomic import save_figure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,13 +262,10 @@ def heatmap_png(
     fig.colorbar(im, cax=cax, label=unit)
     if title:
         ax.set_title(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def write_tables(

@@ -39,6 +39,7 @@ import webdataset as wds
 from PIL import Image
 
 from lgm_ray import __version__
+from lgm_ray.atomic import write_text
 from lgm_ray.seeds import derive_seed
 from lgm_ray.shards_decode import resize_short
 from lgm_ray.shards_format import FORMAT_VERSION, MANIFEST_NAME, ShardError
@@ -437,9 +438,7 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
             "command": shlex.join(["python", "-m", "lgm_ray.shards", *command]),
             "lgm_ray_version": __version__,
         }
-        tmp = staging / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, staging / MANIFEST_NAME)
+        write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

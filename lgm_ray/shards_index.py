@@ -50,6 +50,7 @@ from typing import Any
 from PIL import Image
 
 from lgm_ray import __version__
+from lgm_ray.atomic import write_text
 from lgm_ray.shards_decode import ON_BAD_SAMPLE, BadSample, image_payload, json_field
 from lgm_ray.shards_format import (
     IMAGE_KEYS,
@@ -524,9 +525,6 @@ def index(source: str, *, out: str, test: str | None = None, classnames: str | N
     flags = [x for k, v in (("--out", out), ("--test", test), ("--classnames", classnames),
                             ("--image-key", image_key), ("--label-key", label_key)) if v for x in (k, v)]
     manifest["command"] = shlex.join(["python", "-m", "lgm_ray.shards", *(command or ["index", source, *flags])])
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, target / MANIFEST_NAME)
+    write_text(target / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     print(f"[shards] wrote {target / MANIFEST_NAME}", file=sys.stderr, flush=True)
     return manifest

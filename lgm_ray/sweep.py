@@ -58,10 +58,10 @@ from lgm_ray.sweep_trial import (
     ERROR_FILE,
     POINTS_FILE,
     RESULT_FILE,
-    atomic_write,
     run_trial,
     trial_name,
     trial_run_dir,
+    write_text,
 )
 from lgm_ray.tracking import KIND_TAG, Tracker, resolve_tracking_uri, ui_hint
 
@@ -163,8 +163,8 @@ def run_sweep(
             fit = check_resources(spec.resources, cluster_nodes())
             max_trials = min(max_trials or fit, fit)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(saved, yaml.safe_dump(resolved, sort_keys=False))
-        atomic_write(sweep_dir / POINTS_FILE, json.dumps({p.key: p.to_dict() for p in spec.grid()}, indent=1))
+        write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+        write_text(sweep_dir / POINTS_FILE, json.dumps({p.key: p.to_dict() for p in spec.grid()}, indent=1))
         tracker, exp_id, parent = start_tracking(spec, uri, resume)
         t0 = time.perf_counter()
         baselines = run_baselines(spec, tracker, exp_id, parent)
@@ -209,7 +209,7 @@ def run_sweep(
             "trials_s": round(time.perf_counter() - t1, 2),
             "max_concurrent_trials": max_trials,
         }
-        atomic_write(sweep_dir / "timing.json", json.dumps(timing))
+        write_text(sweep_dir / "timing.json", json.dumps(timing))
         print(
             f"[lgm_ray.sweep] baselines {timing['baselines_s']:.0f} s, trials {timing['trials_s']:.0f} s "
             f"(at most {max_trials} at once)",

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from lgm_ray.sweep_spec import SHARED_BASELINES, SweepSpec
-from lgm_ray.sweep_trial import atomic_write, run_eval_kwargs
+from lgm_ray.sweep_trial import run_eval_kwargs, write_text
 from lgm_ray.tracking import Tracker
 
 
@@ -115,7 +115,7 @@ def run_baselines(
             print(f"[lgm_ray.sweep] baseline {key} failed: {exc}", file=sys.stderr, flush=True)
             tracker.fail(run_id, str(exc))
             continue
-        atomic_write(baseline_file(spec.sweep_dir, ds_name, b, kind), json.dumps(result, default=str))
+        write_text(baseline_file(spec.sweep_dir, ds_name, b, kind), json.dumps(result, default=str))
         tracker.log_params(
             run_id,
             {

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from lgm_ray.sweep_spec import SweepSpec
-from lgm_ray.sweep_trial import ERROR_FILE, RESULT_FILE, atomic_write, load_point, trial_run_dir
+from lgm_ray.sweep_trial import ERROR_FILE, RESULT_FILE, load_point, trial_run_dir, write_text
 from lgm_ray.tracking import Tracker, flatten
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, st
         tags={"spec": spec.source or "", "mlflow.note.content": spec.description},
     )
     state = {"tracking_uri": uri, "experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent}
-    atomic_write(state_path, json.dumps(state, indent=1))
+    write_text(state_path, json.dumps(state, indent=1))
     resolved = spec.to_dict()
     tracker.log_params(
         parent, {k: v for k, v in flatten(resolved).items() if k not in ("paper", "description")}

@@ -7,7 +7,7 @@ distils into the point's run folder (:func:`trial_run_dir`: a function of the po
 finds its checkpoint), evaluates the set on each evaluation backbone in its own process, one after the
 other, and writes ``result.json`` or ``error.txt`` there — nothing outside that folder.
 
-The run folder's names, :func:`trial_run_dir`, :func:`load_point` and :func:`atomic_write` live here
+The run folder's names, :func:`trial_run_dir` and :func:`load_point` live here
 because the trial is what writes that folder; the MLflow logger (:mod:`lgm_ray.sweep_mlflow`), the
 shared baselines (:mod:`lgm_ray.sweep_baselines`) and the driver import them from here.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 
+from lgm_ray.atomic import write_text
 from lgm_ray.config import DistillConfig
 from lgm_ray.sweep_spec import TrialPoint
 
@@ -35,14 +35,6 @@ if TYPE_CHECKING:
 POINTS_FILE = "trials.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and :func:`os.replace`: a reader (the driver,
-    a resumed sweep) sees the old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_point(config: dict[str, Any]) -> TrialPoint:
@@ -171,9 +163,9 @@ def run_trial(config: dict[str, Any]) -> None:
             "neighbors": neighbors,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
-        atomic_write(done, json.dumps(result, default=str))
+        write_text(done, json.dumps(result, default=str))
     except BaseException:
-        atomic_write(run_dir / ERROR_FILE, traceback.format_exc())
+        write_text(run_dir / ERROR_FILE, traceback.format_exc())
         raise
     metrics = {f"{b}/{m}": r[m] for b, r in evals.items() for m in ("top1_mean", "top5_mean")}
     tune.report({"final": 1, "result_file": str(done), "final_loss": summary.get("final_loss"), **metrics})
