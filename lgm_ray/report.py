@@ -44,9 +44,9 @@ from pathlib import Path
 
 from lgm_ray.atomic import write_text
 from lgm_ray.report_html import Builder, Figure
-from lgm_ray.report_load import ReportError, Sweep, load_mlflow, load_sweep_dir, paper_comparison
+from lgm_ray.report_load import ReportError, Sweep, load_mlflow, load_sweep_dir
 
-__all__ = ["ReportError", "build_report", "log_report", "main", "page_size", "paper_comparison", "parse_args"]
+__all__ = ["build_report", "log_report", "main", "page_size", "parse_args"]
 
 MARKER = ".lgm_ray_report"
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 import yaml
 
-from lgm_ray.report import ReportError, build_report, main, paper_comparison
+from lgm_ray.report import build_report, main
+from lgm_ray.report_load import ReportError, paper_comparison
 
 BACKBONE = "digits_simclr_cnn"
 OTHER = "digits_other_vit"  # a distillation backbone of the sweep that this machine does not have
