@@ -76,7 +76,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, min_scale: float = 0.08, jitt
     side = max(1.0, max_scale ** 0.5)
     sx = (area * ratio).sqrt().clamp(max=side)
     sy = (area / ratio).sqrt().clamp(max=side)
-    # The crop stays inside the image; a small extra shift then translates the content itself.
+    # A crop stays inside the image (a zoomed-out view around it, the image inside the view); a small
+    # extra shift then translates the content itself.
     cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx) + _uniform(n, -0.1, 0.1, gen)
     cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy) + _uniform(n, -0.1, 0.1, gen)
     angle = _uniform(n, -15.0, 15.0, gen) * math.pi / 180
