@@ -34,7 +34,7 @@ META = "meta.json"
 KEEP = 2
 # Fields whose change would change the images: a resumed run must match the checkpoint on all of them.
 RESUME_KEYS = ("preset", "backbone", "weights", "normalization", "raw_output", "shards", "ipc", "augs_per_batch",
-               "param", "init", "color", "grey", "aug", "aug_noise_p", "aug_min_scale", "aug_zoom_out", "aug_padding",
+               "param", "init", "color", "grey", "aug", "aug_noise_p", "aug_min_scale", "aug_real", "aug_zoom_out", "aug_padding",
                "syn_res", "real_res", "crop_res", "pyramid_extent", "pyramid_offset", "head_std", "seed", "lr",
                "real_streams", "amp")
 

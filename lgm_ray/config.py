@@ -56,6 +56,7 @@ class DistillConfig:
     aug: str = "standard"
     aug_noise_p: float = 0.5  # probability of the additive N(0.5, 0.2²) noise
     aug_min_scale: float = 0.08  # smallest crop area fraction of the random resized crop
+    aug_real: bool = True  # augment the real views too (the paper); false: real views only resized (no crop, flip, noise)
     aug_zoom_out: bool = False  # let the crop exceed the image (the reference's unclamped crop)
     aug_padding: str = "reflection"  # or "zeros" (the reference) outside the image
     syn_res: int = 256

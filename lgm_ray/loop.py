@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -149,6 +149,7 @@ def run_loop(
                                normalization=cfg.normalization, raw_output=cfg.raw_output, device=device)
     spec = AugSpec(mode=cfg.aug, crop_res=cfg.crop_res, noise_p=cfg.aug_noise_p, scale=(cfg.aug_min_scale, 1.0),
                    zoom_out=cfg.aug_zoom_out, padding=cfg.aug_padding)
+    real_spec = None if cfg.aug_real else replace(spec, mode="none")  # aug_real: false — real views only resized
     step, losses, skipped, n_levels = 0, [], 0, 1
     if resume is not None:
         check_resumable(resume, cfg.to_dict())
@@ -193,6 +194,7 @@ def run_loop(
             backbone, synset.render(), owned_rows, x, y, positions, num_classes=num_classes,
             feature_dim=backbone.feature_dim, num_images=num_images, real_total=batch, ipc=cfg.ipc,
             augs=cfg.augs_per_batch, seed=cfg.seed, step=step, spec=spec, head_std=cfg.head_std,
+            real_spec=real_spec,
             micro_batch=cfg.micro_batch, amp_dtype=amp_dtype(cfg.amp), reduce=timed_reduce,
         )
         if result.finite:

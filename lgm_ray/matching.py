@@ -297,6 +297,7 @@ def lgm_step(
     step: int,
     spec: AugSpec,
     head_std: float = 0.01,
+    real_spec: AugSpec | None = None,
     micro_batch: int | None = None,
     amp_dtype: torch.dtype | None = None,
     reduce: Reduce = _identity,
@@ -326,6 +327,9 @@ def lgm_step(
         seed, step: the run seed and the step index (0-based): all of the step's randomness.
         spec: the augmentation; ``head_std`` the head's initialisation; ``micro_batch`` and
             ``amp_dtype`` how the backbone runs.
+        real_spec: the real views' augmentation when it differs from ``spec`` (``aug_real: false``:
+            ``mode="none"``, only resized); the real samples' parameters are drawn from ``spec`` all
+            the same, so the step's other draws do not change with it.
         reduce: sums a tensor over processes (identity on one process; an all-reduce on workers).
     """
     gen = torch.Generator().manual_seed(derive_seed(seed, "step", step))
@@ -335,7 +339,7 @@ def lgm_step(
     total_syn = num_images * augs
     syn_params = sample_params(total_syn, spec, gen)
     real_params = sample_params(real_total, spec, gen)
-    g_real = real_grad(backbone, x_real.to(dev), y_real.to(dev), w, b, real_total, spec,
+    g_real = real_grad(backbone, x_real.to(dev), y_real.to(dev), w, b, real_total, real_spec or spec,
                        real_params.select(real_positions.long().cpu()), micro_batch=micro_batch,
                        amp_dtype=amp_dtype)
     rows, local = shard_views(owned, num_images, augs)

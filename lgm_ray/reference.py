@@ -27,6 +27,7 @@ def reference_step(
     spec: AugSpec,
     w: torch.Tensor,
     b: torch.Tensor,
+    real_spec: AugSpec | None = None,
 ) -> torch.Tensor:
     """Back-propagate the meta loss into ``images``' graph; returns the loss.
 
@@ -36,6 +37,7 @@ def reference_step(
         augs: augmented copies per image (views ``a·N + i``, as :func:`lgm_ray.matching.view_layout`).
         syn_params / real_params: augmentation parameters of the synthetic views and real images.
         w, b: the step's linear head.
+        real_spec: the real images' augmentation, if not ``spec`` (``aug_real: false``).
     """
     views = apply(images[view_layout(images.shape[0], augs).to(images.device)], syn_params, spec)
     y_views = labels.repeat(augs)
@@ -44,7 +46,7 @@ def reference_step(
     z_syn = backbone(views).float()
     gw_s, gb_s = torch.autograd.grad(F.cross_entropy(z_syn @ w_.t() + b_, y_views), [w_, b_], create_graph=True)
     with torch.no_grad():
-        z_real = backbone(apply(x_real, real_params, spec)).float()
+        z_real = backbone(apply(x_real, real_params, real_spec or spec)).float()
     with torch.enable_grad():
         gw_r, gb_r = torch.autograd.grad(F.cross_entropy(z_real @ w_.t() + b_, y_real), [w_, b_])
     loss = meta_loss(torch.cat([gw_r, gb_r[:, None]], 1), torch.cat([gw_s, gb_s[:, None]], 1))

@@ -131,7 +131,7 @@ def test_existing_run_is_never_overwritten_and_changed_settings_are_refused(tmp_
     assert latest_checkpoint(out / "checkpoints").step == 2
 
 
-@pytest.mark.parametrize("ablation", [["--param", "pixel"], ["--aug", "none"], ["--no-color"],
+@pytest.mark.parametrize("ablation", [["--param", "pixel"], ["--aug", "none"], ["--no-color"], ["--no-aug-real"],
                                       ["--preset", "reference", "--steps", "3"]])
 def test_every_ablation_runs_and_changes_the_images(tmp_path, ablation):
     base = tmp_path / "base"
