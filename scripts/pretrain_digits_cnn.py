@@ -16,8 +16,8 @@ from lgm_ray.models.digits_cnn import DIGITS_CNN_WEIGHTS, DigitsCNN
 
 def main(argv: Sequence[str] | None = None) -> float:
     """Pre-train, save ``lgm_ray/weights/digits_simclr_cnn.pt`` (or ``--out``), return the probe's test top-1."""
-    return simclr_main(argv, DigitsCNN, description=__doc__.split("\n\n")[0], out=DIGITS_CNN_WEIGHTS, epochs=40,
-                       lr=2e-3, batch_size=256, temperature=0.3, weight_decay=1e-4, warmup_epochs=1, clip=0.0,
+    return simclr_main(argv, DigitsCNN, description=__doc__.split("\n\n")[0], out=DIGITS_CNN_WEIGHTS, epochs=80,
+                       lr=2e-3, batch_size=256, temperature=0.05, weight_decay=1e-4, warmup_epochs=1, clip=0.0,
                        max_scale=2.0)
 
 

@@ -17,7 +17,7 @@ from lgm_ray.models.digits_mixer import WEIGHTS, DigitsMixer
 def main(argv: Sequence[str] | None = None) -> float:
     """Pre-train, save ``lgm_ray/weights/digits_simclr_mixer.pt`` (or ``--out``), return the probe's test top-1."""
     return simclr_main(argv, DigitsMixer, description=__doc__.split("\n\n")[0], out=WEIGHTS, epochs=80,
-                       lr=1e-3, batch_size=128, temperature=0.3)
+                       lr=1e-3, batch_size=128, temperature=0.1)
 
 
 if __name__ == "__main__":
