@@ -18,10 +18,11 @@ from lgm_ray.models.legibility import digits_pixel_classifier, legibility
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "digits_demo.yaml"
 DEMO_BACKBONES = ["digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer"]
-# The short run starts from random real images (init: real) and must clearly improve on them …
-MARGIN_RANDOM = 10.0
-# … and land near the centroids (the full run's margins over them are small: README, "Demo").
-CENTROID_SLACK = 3.0
+# The short run (300 steps, 2 probe seeds) starts from random real images (init: real) and must beat them
+# by the 15 points, and the centroid images by 3 (the 5 hold for the full run: README, "Demo";
+# the short runs gave +6.1 to +10.7 over centroids and +20 to +23 over random on this machine).
+MARGIN_RANDOM = 15.0
+MARGIN_CENTROIDS = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_demo_distils_legible_digits_that_beat_random_real_images(tmp_path, digi
     assert distilled["n_train"] == 10
     # Same-model margins of the short run (the full run's are in the README table).
     assert got["distilled"] >= got["random"] + MARGIN_RANDOM, got
-    assert got["distilled"] >= got["centroids"] - CENTROID_SLACK, got
+    assert got["distilled"] >= got["centroids"] + MARGIN_CENTROIDS, got
     # The images are digits: a pixel classifier trained on real digits reads most of them, and
     # they are grey like the data.
     images = payload["images"]
