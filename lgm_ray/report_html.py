@@ -361,7 +361,8 @@ class Builder:
     def embedding(self) -> str:
         import pandas as pd
 
-        from lgm_ray.embedding import FeaturesUnavailable, embed_set, plot_embedding, set_features
+        from lgm_ray.embedding import embed_set, plot_embedding
+        from lgm_ray.embedding_features import FeaturesUnavailable, set_features
 
         if not self.embeddings:
             return '<p class="note">embedding maps were not asked for (embeddings=False)</p>'

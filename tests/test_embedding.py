@@ -11,15 +11,14 @@ import torch
 
 from lgm_ray.embedding import (
     EmbeddingInputError,
-    FeaturesUnavailable,
     embed_set,
     main,
     periphery,
     plot_embedding,
     project_2d,
-    set_features,
     summarize,
 )
+from lgm_ray.embedding_features import FeaturesUnavailable, set_features
 
 # Class 0: four real points around the mean (0, 0) at distances 1, 1, 3, 3 (radius: median 2).
 # Class 1: the same shape around (10, 0).
