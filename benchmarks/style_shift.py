@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lgm_ray.backbones import create_backbone
+from lgm_ray.baselines import image_features
 from lgm_ray.digits import load_digits_split
 
 DEMO_BACKBONES = ("digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer")
@@ -54,23 +55,20 @@ def shifts(zoom: float) -> dict:
             "both": lambda x: shrink(thin(x), zoom)}
 
 
-@torch.no_grad()
-def features(backbone, x: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(backbone.spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.spec.std).view(1, 3, 1, 1)
-    return torch.cat([backbone.model((b - mean) / std) for b in x.split(512)]).numpy()
-
-
 def style_shift(name: str, weights: str | None, val_fraction: float, zoom: float) -> dict[str, float]:
     """Top-1 (%) on val, per way of drawing it, of a probe fit on the clean train split's features."""
     from sklearn.linear_model import LogisticRegression
 
     train_x, train_y = load_digits_split("train", res=RES, val_fraction=val_fraction)
     val_x, val_y = load_digits_split("val", res=RES, val_fraction=val_fraction)
-    backbone = create_backbone(name, weights=weights)
-    backbone.model.eval()
-    clf = LogisticRegression(max_iter=3000).fit(features(backbone, train_x), train_y.numpy())
-    return {k: 100 * clf.score(features(backbone, f(val_x)), val_y.numpy()) for k, f in shifts(zoom).items()}
+    backbone = create_backbone(name, weights=weights)  # frozen, eval mode, normalises its input
+
+    def features(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return image_features(backbone, x, RES, RES).numpy()
+
+    clf = LogisticRegression(max_iter=3000).fit(features(train_x), train_y.numpy())
+    return {k: 100 * clf.score(features(f(val_x)), val_y.numpy()) for k, f in shifts(zoom).items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
