@@ -78,7 +78,7 @@ _SPLIT_FIX = {
 def open_shards(root: str | Path):
     """Open a shards folder, with an error that says how to build one when it is missing."""
     from lgm_ray.shards_format import is_local
-    from lgm_ray.shards_index import is_pattern
+    from lgm_ray.shards_locate import is_pattern
 
     root = str(root)
     if is_local(root) and not is_pattern(root) and not root.endswith(".json") and not Path(root).is_dir():

@@ -59,8 +59,9 @@ from lgm_ray.shards_format import (
     rebuild_hint,
     verify_hint,
 )
-from lgm_ray.shards_index import index_source, is_pattern
+from lgm_ray.shards_index import index_source
 from lgm_ray.shards_io import load_manifest, members_of
+from lgm_ray.shards_locate import is_pattern
 from lgm_ray.shards_stream import (
     SHUFFLE_BUFFER,
     SPARES,

@@ -388,7 +388,7 @@ def check_datasets(spec: SweepSpec) -> None:
     """Every dataset's shards exist and open (or can be built offline on demand)."""
     from lgm_ray.shards import ShardSet
     from lgm_ray.shards_format import ShardError, is_local
-    from lgm_ray.shards_index import is_pattern
+    from lgm_ray.shards_locate import is_pattern
 
     for ds in spec.datasets:
         # A folder must hold a manifest (or be built); patterns and manifest files are opened as they are.
