@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgm_ray.backbones_hub import register_hub_families
+from lgm_ray.models.grid import GridProjection
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,6 +62,10 @@ class BackboneSpec:
         ends_in_norm: whether the model's own output is already a normalisation layer's.
         build: ``(pretrained, weights_file, img_size) → nn.Module`` mapping images to features.
         description: one line for listings.
+        input_grid: for weights trained on images that are upsamplings of a coarser grid (the demo
+            backbones: the digits' 8×8), that grid: every input is first projected onto such images
+            (:class:`lgm_ray.models.grid.GridProjection`); ``None`` (the hub backbones) feeds inputs as
+            they are.
 
     Fields are keyword-only, so a registration reads as the table it is.
     """
@@ -75,6 +80,7 @@ class BackboneSpec:
     ends_in_norm: bool
     build: BuildFn
     description: str = ""
+    input_grid: int | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -147,6 +153,7 @@ class Backbone(nn.Module):
         self.raw_output = raw_output
         self.adds_norm = not spec.ends_in_norm and not raw_output
         self.model = model
+        self.grid = None if spec.input_grid is None else GridProjection(spec.input_grid, spec.resolution)
         self.register_buffer("mean", torch.tensor(mean or spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std or spec.std).view(1, 3, 1, 1))
         # Frozen once, here: the backbone never trains, only passes gradients to its inputs.
@@ -158,6 +165,8 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            x = self.grid(x)
         z = self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
         if self.adds_norm:
             z = F.layer_norm(z, z.shape[-1:])
@@ -212,7 +221,7 @@ def create_backbone(
 
 @register_build(
     name="digits_simclr_cnn", feature_dim=128, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resolution=32,
-    source="lgm_ray", weights_id="lgm_ray/weights/digits_simclr_cnn.pt (shipped)", ends_in_norm=True,
+    source="lgm_ray", weights_id="lgm_ray/weights/digits_simclr_cnn.pt (shipped)", ends_in_norm=True, input_grid=8,
     description="4-block CNN pre-trained by lgm_ray with SimCLR on the digits train split (offline demo/tests)",
 )
 def _digits_cnn_build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Module:

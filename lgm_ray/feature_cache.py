@@ -104,6 +104,7 @@ def backbone_fingerprint(backbone: nn.Module, normalization: str = "native") -> 
         "ends_in_norm": getattr(spec, "ends_in_norm", None),
         "normalization": normalization,
         "raw_output": bool(getattr(backbone, "raw_output", False)),
+        "input_grid": getattr(spec, "input_grid", None),
         "weights_sha256": state_dict_digest(backbone),
     }
 

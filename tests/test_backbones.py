@@ -120,7 +120,8 @@ def test_backbone_stays_in_eval_mode():
 def test_demo_backbone_normalises_its_inputs():
     bb = create_backbone("digits_simclr_cnn")
     x = torch.rand(3, 3, 32, 32)
-    assert torch.allclose(bb(x), bb.model((x - 0.5) / 0.5), atol=1e-6)
+    assert torch.allclose(bb(x), bb.model((bb.grid(x) - 0.5) / 0.5), atol=1e-6)  # on its grid, then normalised
+    assert not torch.allclose(bb(x), bb.model(bb.grid(x)), atol=1e-3)
 
 
 def test_timm_weights_from_a_local_file(tmp_path):

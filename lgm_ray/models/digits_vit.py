@@ -91,7 +91,7 @@ def build(pretrained: bool, weights: str | None, img_size: int | None) -> nn.Mod
 
 SPEC_FIELDS: dict[str, object] = dict(
     name=NAME, feature_dim=64, mean=DIGITS_MEAN, std=DIGITS_STD, resolution=RESOLUTION, source="lgm_ray",
-    weights_id="lgm_ray/weights/digits_simclr_vit.pt (shipped)", ends_in_norm=True,
+    weights_id="lgm_ray/weights/digits_simclr_vit.pt (shipped)", ends_in_norm=True, input_grid=8,
     description="ViT (4×4 patches, 4 blocks, width 64) pre-trained by lgm_ray with SimCLR on the digits "
                 "train split (offline demo/tests)",
 )
