@@ -46,13 +46,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from lgm_ray.backbones import create_backbone
 from lgm_ray.config import DistillConfig, load_yaml
 from lgm_ray.distill import run_distill
 from lgm_ray.evaluate import evaluate_baseline, evaluate_synset, synset_settings
-from lgm_ray.feature_cache import state_dict_digest
+from lgm_ray.feature_cache import backbone_fingerprint
 from lgm_ray.models.legibility import PixelClassifier, legibility
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ BASELINES = ("centroids", "neighbors", "random", "full")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default=",".join(DEMO_BACKBONES), help="comma-separated demo backbones")
-    p.add_argument("--data", choices=("digits", "mnist5k"), default="digits")
+    p.add_argument("--data", choices=("digits", "restyled", "mnist5k"), default="digits")
     p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split scoring the probes")
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "digits_demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -96,6 +97,13 @@ def build_shards(data: str, out: Path, val_fraction: float) -> tuple[Path, int]:
             assert shards_main(["build", "digits", "--out", str(root), "--val-fraction", str(val_fraction),
                                 "--workers", "1"]) == 0
         return root, 32
+    if data == "restyled":
+        root = out / "shards" / f"restyled_val{val_fraction:g}"
+        if not (root / "manifest.json").is_file():
+            folder = restyled_folder(out / f"restyled_images_val{val_fraction:g}", val_fraction)
+            assert shards_main(["build", "imagefolder", str(folder), "--out", str(root), "--real-res", "28",
+                                "--format", "png", "--workers", "1"]) == 0
+        return root, 28
     root = out / "shards" / "mnist5k"
     if not (root / "manifest.json").is_file():
         folder = mnist5k_folder(out / "mnist5k_images")
@@ -131,6 +139,42 @@ def mnist5k_folder(folder: Path) -> Path:
     return folder
 
 
+def restyle(x8: torch.Tensor, frame: float = 0.75, side: int = 28) -> torch.Tensor:
+    """8×8 digits (N×1×8×8 in [0, 1]) redrawn as another set would hold them: pen strokes, margins, 28 px.
+
+    Smooth strokes (bicubic to 64 px), inked (a steep ramp: grey above 0.3 turns white by 0.6, so the
+    edges are sharp, as a pen's), shrunk to ``frame`` of the side inside a black margin (other sets do
+    not fit the digit to the frame as the UCI forms did) and resampled to ``side`` px.
+    """
+    big = F.interpolate(x8, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
+    inked = ((big - 0.3) / 0.3).clamp(0, 1)
+    s = round(64 * frame)
+    small = F.interpolate(inked, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+    canvas = torch.zeros(x8.shape[0], 1, 64, 64)
+    o = (64 - s) // 2
+    canvas[..., o:o + s, o:o + s] = small
+    return F.interpolate(canvas, size=(side, side), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def restyled_folder(folder: Path, val_fraction: float) -> Path:
+    """The digits train (``train/``) and val (``test/``) splits, restyled (:func:`restyle`), as PNG folders."""
+    from PIL import Image
+
+    from lgm_ray.digits import load_digits_split
+
+    if (folder / ".complete").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for split, sub in (("train", "train"), ("val", "test")):
+        x, y = load_digits_split(split, res=8, val_fraction=val_fraction)
+        pixels = (restyle(x[:, :1]) * 255).round().to(torch.uint8)[:, 0].numpy()
+        for i, (img, c) in enumerate(zip(pixels, y.tolist(), strict=True)):
+            (folder / sub / str(c)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / sub / str(c) / f"{i:04d}.png")
+    (folder / ".complete").touch()
+    return folder
+
+
 def split_images(shards_root: Path, split: str, res: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a shards split at ``res`` (resize + centre crop), with labels."""
     from lgm_ray.shards import ShardSet
@@ -158,6 +202,12 @@ def distill_config(args: argparse.Namespace, backbone: str, shards: Path, res: i
     if args.steps:
         data["steps"] = args.steps
     return DistillConfig.from_dict(data, source=f"{args.config} + flags")
+
+
+def backbone_digest(name: str) -> str:
+    """SHA-256 of what sets a backbone's features: its weights and its input form (e.g. ``input_grid``)."""
+    fingerprint = backbone_fingerprint(create_backbone(name))
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def distill(cfg: DistillConfig, weights_digest: str) -> dict:
@@ -210,8 +260,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                                "res": res, "legibility_res": leg_res,
                                "pixel_classifier_top1": 100 * reader.accuracy(held_x, held_y),
                                "distilled": {}, "baselines": {}, "legibility": {}, "distill_wall_s": {}}
-    # Cached cells are keyed by the backbones' weights too: re-trained weights re-evaluate.
-    digests = {b: state_dict_digest(create_backbone(b).model) for b in backbones}
+    # Cached cells are keyed by the backbones' weights and input form too: either changed re-evaluates.
+    digests = {b: backbone_digest(b) for b in backbones}
     sets = {}
     for a in backbones:
         cfg = distill_config(args, a, shards, res)
