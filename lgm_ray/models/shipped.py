@@ -8,7 +8,8 @@ hold for all of them, and live here once:
   names the file and the command that regenerates it — never a silent random initialisation;
 * :mod:`lgm_ray.backbones` registers them from each module's ``SPEC_FIELDS`` and ``build``, with the
   same :class:`~lgm_ray.backbones.BackboneSpec` records as the hub backbones, so tests and the demo
-  walk the users' path.
+  walk the users' path; each record carries ``input_grid=8``, so every input is first brought to the
+  digits' 8×8 grid (:mod:`lgm_ray.models.grid`) — the weights files stay the networks' own.
 """
 
 from __future__ import annotations
