@@ -11,6 +11,8 @@ Every backbone is wrapped in :class:`Backbone`, which takes images in [0, 1], no
 returns float features that end in a normalisation layer (the paper's ViTs end in a LayerNorm; a
 model that does not gets a parameter-free LayerNorm appended, since the matching objective is a
 cosine and blind to the features' scale), and is frozen once, here (eval mode, no parameter grads).
+A backbone whose weights only saw upsamplings of a coarse grid (``input_grid``: the demo backbones, on
+the digits' 8×8) first projects every input onto such images (:mod:`lgm_ray.models.grid`).
 ``raw_output=True`` skips that added LayerNorm: the reference implementation feeds CLIP's raw
 projection, and the paper's columns are reproduced with it.
 
