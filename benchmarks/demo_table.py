@@ -152,14 +152,12 @@ def restyle(x8: torch.Tensor, frame: float = 0.75, side: int = 28) -> torch.Tens
     edges are sharp, as a pen's), shrunk to ``frame`` of the side inside a black margin (other sets do
     not fit the digit to the frame as the UCI forms did) and resampled to ``side`` px.
     """
+    from style_shift import shrink  # the same shrink-into-a-black-frame as the style-shift check
+
     big = F.interpolate(x8, size=(64, 64), mode="bicubic", align_corners=False).clamp(0, 1)
     inked = ((big - 0.3) / 0.3).clamp(0, 1)
-    s = round(64 * frame)
-    small = F.interpolate(inked, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-    canvas = torch.zeros(x8.shape[0], 1, 64, 64)
-    o = (64 - s) // 2
-    canvas[..., o:o + s, o:o + s] = small
-    return F.interpolate(canvas, size=(side, side), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    framed = shrink(inked, frame)
+    return F.interpolate(framed, size=(side, side), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def restyled_folder(folder: Path, val_fraction: float) -> Path:
@@ -217,7 +215,10 @@ def backbone_digest(name: str) -> str:
 
 
 def distill(cfg: DistillConfig, weights_digest: str) -> dict:
-    """Run (or reuse a finished run with the same config and backbone weights) and return its saved set."""
+    """Run (or reuse a finished run with the same config and backbone) and return its saved set.
+
+    ``weights_digest`` is :func:`backbone_digest` (weights and input form), stamped beside the run.
+    """
     out = Path(cfg.out)
     saved, stamp = out / "synset.pt", out / "backbone_weights.sha256"
     same_weights = stamp.is_file() and stamp.read_text() == weights_digest

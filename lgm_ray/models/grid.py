@@ -9,8 +9,9 @@ detail below that grid — sharp stroke edges inside a 4×4 patch — that no we
 :class:`GridProjection` brings any input to those images: the 8×8 block averages (area resampling,
 as the UCI forms were reduced) and back to 32 px by the same bilinear upsampling, with the one 8×8
 correction ``(D U)⁻¹`` that makes the map a projection: an image that already is a bilinear
-upsampling of an 8×8 grid — every digits image — comes out unchanged, so the digits figures do not
-move, while finer detail is replaced by what the digits' own acquisition would have kept. The map is
+upsampling of an 8×8 grid — every digits image — comes out unchanged, so the features of
+digits images do not move (augmented crops and synthetic images, which are not on the grid, do),
+while finer detail is replaced by what the digits' own acquisition would have kept. The map is
 linear and keeps constant images constant, so it commutes with the per-channel normalisation, and
 gradients pass through it to the synthetic images.
 """
