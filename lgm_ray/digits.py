@@ -43,7 +43,7 @@ def _indices(val_fraction: float, val_seed: int) -> dict[str, np.ndarray]:
     _, targets, train_idx, test_idx = _split_indices()
     out = {"train": train_idx, "test": test_idx}
     if val_fraction > 0:
-        from lgm_ray.shards_build import carve_val
+        from lgm_ray.shards_sources import carve_val
 
         parts = carve_val([(int(i), int(targets[i])) for i in train_idx], val_fraction, val_seed, CLASS_NAMES)
         out.update({split: np.sort([i for i, _ in items]) for split, items in parts.items()})

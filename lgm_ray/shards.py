@@ -14,9 +14,9 @@ folder of them — which is indexed in memory on every open (``index`` does it o
 
 The command line, ``python -m lgm_ray.shards {build,index,verify}``, and the full check of a set
 (:func:`lgm_ray.shards_cli.verify`) live in :mod:`lgm_ray.shards_cli`; this module's ``__main__`` block
-runs it, so the documented command is unchanged. Writing lives in :mod:`lgm_ray.shards_build`, indexing in
-:mod:`lgm_ray.shards_index`; the on-disk format and its checks in :mod:`lgm_ray.shards_format` (whose
-docstring states the integrity policy), reading URLs and tars in :mod:`lgm_ray.shards_io`, decoding in
+runs it, so the documented command is unchanged. Writing lives in :mod:`lgm_ray.shards_build` (its sources in
+:mod:`lgm_ray.shards_sources`), indexing in :mod:`lgm_ray.shards_index`; the on-disk format and its checks
+in :mod:`lgm_ray.shards_format` (whose docstring states the integrity policy), reading URLs and tars in :mod:`lgm_ray.shards_io`, decoding in
 :mod:`lgm_ray.shards_decode`, and the virtual streams in :mod:`lgm_ray.shards_stream` (whose docstring
 states the determinism policy).
 """
@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lgm_ray.shards_build import SPLITS
 from lgm_ray.shards_decode import (
     ON_BAD_SAMPLE,
     BadSample,
@@ -62,6 +61,7 @@ from lgm_ray.shards_format import (
 from lgm_ray.shards_index import index_source
 from lgm_ray.shards_io import load_manifest, members_of
 from lgm_ray.shards_locate import is_pattern
+from lgm_ray.shards_sources import SPLITS
 from lgm_ray.shards_stream import (
     SHUFFLE_BUFFER,
     SPARES,

@@ -31,7 +31,7 @@ from collections import defaultdict
 from typing import Any
 
 from lgm_ray.shards import open_manifest
-from lgm_ray.shards_build import IMAGE_SUFFIXES, SOURCES, build
+from lgm_ray.shards_build import build
 from lgm_ray.shards_decode import ON_BAD_SAMPLE, BadSample, decode_sample
 from lgm_ray.shards_format import (
     IMAGE_FORMATS,
@@ -44,6 +44,7 @@ from lgm_ray.shards_format import (
 )
 from lgm_ray.shards_index import index
 from lgm_ray.shards_io import ReadStats, members_of, shard_samples
+from lgm_ray.shards_sources import IMAGE_SUFFIXES, SOURCES
 
 __all__ = ["main", "verify"]
 

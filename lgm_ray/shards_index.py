@@ -262,7 +262,7 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     assign = {n: scans[n].split for n in kept}
     carve: dict[tuple[int, int], str] = {}
     if val_fraction > 0:
-        from lgm_ray.shards_build import carve_val
+        from lgm_ray.shards_sources import carve_val
 
         items = [((n, p), c) for n in kept if assign[n] == "train" for p, c in kept[n]]
         carve = {ref: "val" for ref, _ in carve_val(items, val_fraction, val_seed, class_names)["val"]}

@@ -189,7 +189,7 @@ def _abs(path: str, base: Path) -> str:
 
 
 def _datasets(value: Any, cwd: Path) -> list[Dataset]:
-    from lgm_ray.shards_build import SOURCES
+    from lgm_ray.shards_sources import SOURCES
 
     if not isinstance(value, dict) or not value:
         raise SpecError("datasets must map a name to a shards folder/URL, e.g. {digits: shards/digits}")

@@ -312,10 +312,13 @@ def test_no_hand_written_tar_reading() -> None:
         shards_format,
         shards_index,
         shards_io,
+        shards_locate,
+        shards_sources,
         shards_stream,
     )
 
-    for module in (shards, shards_build, shards_decode, shards_format, shards_index, shards_io, shards_stream):
+    for module in (shards, shards_build, shards_decode, shards_format, shards_index, shards_io, shards_locate,
+                   shards_sources, shards_stream):
         assert "tarfile" not in vars(module), module.__name__
 
 
