@@ -6,18 +6,18 @@
     OMP_NUM_THREADS=1 python benchmarks/demo_table.py --data mnist5k --split test   # data nobody tuned on
 
 For each distillation backbone A (``--backbones``): one ``ipc``-per-class distillation with the demo
-config (``--config``, overridden by ``--set FIELD=VALUE``) through :func:`lgm_ray.distill.run_distill`.
+config (``--config``, overridden by ``--set FIELD=VALUE``) through :func:`lgm_ray.distill.run.run_distill`.
 For each evaluation backbone B: the distilled set of every A (cross-model when A ≠ B, each with the
-set's own settings, :func:`lgm_ray.evaluate.synset_settings`), and B's real-image baselines —
+set's own settings, :func:`lgm_ray.evaluate.protocol.synset_settings`), and B's real-image baselines —
 centroids, random (selection seeds 0 … k−1), full — plus, for A = B, the neighbours of A's set;
-``--seeds`` probe seeds each (:func:`lgm_ray.evaluate.evaluate_synset` / ``evaluate_baseline``).
+``--seeds`` probe seeds each (:func:`lgm_ray.evaluate.protocol.evaluate_synset` / ``evaluate_baseline``).
 Every probe is scored on ``--split``: the digits shards carve ``val`` out of train (the same
 ``--val-fraction`` the demo backbones held out in pre-training), so settings are chosen on ``val``
 and ``test`` is measured once.
 
 It also reports, per A, the **legibility** of the distilled images (how many classes a logistic
 regression on grey pixels, trained on the real train split, reads correctly:
-:mod:`lgm_ray.models.legibility`), writes each A's distilled grid upscaled (``grids/A.png``), checks
+:mod:`lgm_ray.evaluate.legibility`), writes each A's distilled grid upscaled (``grids/A.png``), checks
 the issue's targets (same-model: distilled ≥ centroids + 5 and ≥ random + 15 points; cross-model:
 distilled ≥ random on average), and saves everything to ``OUT/table.json`` and ``OUT/table.md``.
 
@@ -56,11 +56,11 @@ import torch.nn.functional as F
 import yaml
 
 from lgm_ray.backbones import create_backbone
-from lgm_ray.config import DistillConfig, load_yaml
-from lgm_ray.distill import run_distill
-from lgm_ray.evaluate import evaluate_baseline, evaluate_synset, synset_settings
-from lgm_ray.feature_cache import backbone_fingerprint
-from lgm_ray.models.legibility import PixelClassifier, legibility
+from lgm_ray.distill.config import DistillConfig, load_yaml
+from lgm_ray.distill.run import run_distill
+from lgm_ray.evaluate.feature_cache import backbone_fingerprint
+from lgm_ray.evaluate.legibility import PixelClassifier, legibility
+from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset, synset_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BACKBONES = ("digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer")
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_shards(data: str, out: Path, val_fraction: float) -> tuple[Path, int]:
     """The shards the table runs on (built once under ``out``) and their image side."""
-    from lgm_ray.shards_cli import main as shards_main
+    from lgm_ray.shards.__main__ import main as shards_main
 
     if data == "digits":
         root = out / "shards" / f"digits_val{val_fraction:g}"
@@ -164,7 +164,7 @@ def restyled_folder(folder: Path, val_fraction: float) -> Path:
     """The digits train (``train/``) and val (``test/``) splits, restyled (:func:`restyle`), as PNG folders."""
     from PIL import Image
 
-    from lgm_ray.digits import load_digits_split
+    from lgm_ray.shards.digits import load_digits_split
 
     if (folder / ".complete").is_file():
         return folder
@@ -181,7 +181,7 @@ def restyled_folder(folder: Path, val_fraction: float) -> Path:
 
 def split_images(shards_root: Path, split: str, res: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a shards split at ``res`` (resize + centre crop), with labels."""
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     xs, ys = [], []
     for x, y, _ in ShardSet(shards_root).iter_split(split, resize=res, crop=res):

@@ -2,7 +2,7 @@
 torchvision ``ImageFolder`` + ``DataLoader``.
 
 **Speed.** Writes a synthetic image set (JPEG 400×320, smooth gradients, shapes and sensor-like noise, 10
-classes) into a temporary folder, builds shards from it with ``lgm_ray.shards`` (short side 256, JPEG
+classes) into a temporary folder, builds shards from it with ``lgm_ray.shards.reader`` (short side 256, JPEG
 quality 95, no test split), then reads a fixed number of images three ways with the same preprocessing
 (resize short side 256, random crop 256, float tensor in [0, 1]) and the same number of worker processes:
 
@@ -97,7 +97,7 @@ class _OldReader:
         return samples
 
     def decode_unit(self, unit: _OldUnit) -> tuple[int, torch.Tensor, torch.Tensor]:
-        from lgm_ray.shards_decode import crop_array, resize_short
+        from lgm_ray.shards.decode import crop_array, resize_short
 
         samples = self.samples(unit.shard)
         picked = [s for p, s in enumerate(samples) if (unit.offset + p) % unit.stride == unit.phase]
@@ -118,7 +118,7 @@ class _OldReader:
 
 
 def _old_units(streams: list[tuple[int, tuple, int]], seed: int, size: int) -> Iterator[_OldUnit]:
-    from lgm_ray.seeds import derive_seed
+    from lgm_ray.core.seeds import derive_seed
 
     def needs(v: int, plan: tuple, share: int) -> Iterator[tuple[int, int, _OldUnit]]:
         first = 0
@@ -150,7 +150,7 @@ class _OldUnitDataset(torch.utils.data.IterableDataset):
 def old_train_batches(root: str, batch_size: int, *, seed: int, num_streams: int, real_res: int,
                       num_workers: int) -> Generator[tuple[torch.Tensor, torch.Tensor]]:
     """The old ``ShardSet.train_batches`` (one rank of one, no bad samples): whole units in queues."""
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     plans = ShardSet(root)._stream_plans(num_streams)
     manifest = json.loads(Path(root, "manifest.json").read_text())
@@ -250,8 +250,8 @@ def load() -> str:
 
 
 def speed(args: argparse.Namespace, tmp: Path) -> None:
-    from lgm_ray.shards import ShardSet
-    from lgm_ray.shards_build import build
+    from lgm_ray.shards.build import build
+    from lgm_ray.shards.reader import ShardSet
 
     src, out = tmp / "images", tmp / "shards"
     start = time.perf_counter()
@@ -302,7 +302,7 @@ def _rss_kb(field: str) -> int:
 
 def rss_child(reader: str, root: str, n: int, streams: int, buffer: int) -> None:
     """Read ``n`` images with one reader and print start-up RSS and peak RSS (kB) as JSON."""
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     shards = ShardSet(root)
     base = _rss_kb("VmRSS")
@@ -320,7 +320,7 @@ def rss_child(reader: str, root: str, n: int, streams: int, buffer: int) -> None
 def memory(args: argparse.Namespace, tmp: Path) -> None:
     import webdataset as wds
 
-    from lgm_ray.shards_index import index
+    from lgm_ray.shards.index import index
 
     folder = tmp / "big"
     folder.mkdir()

@@ -15,7 +15,7 @@ lgm_ray / reference (≤ 1.0) and micro-batched peak memory at augs 40 / augs 10
 ``--noise`` measures the augmentation's additive noise alone, at ImageNet-1k's view count
 (1,000 classes × 3 augs_per_batch = 3,000 views of 224 px by default): the old implementation (a CPU
 draw per view in a Python loop, then a copy to the device; kept below as ``noise_loop``) against
-:func:`lgm_ray.augment.view_noise` (a counter-based hash, vectorised, on the device). It applies the
+:func:`lgm_ray.core.augment.view_noise` (a counter-based hash, vectorised, on the device). It applies the
 noise the way a step does, a micro-batch of views at a time, and prints its cost per step and its
 share of a step of ``--step-seconds`` (a measured step time of that configuration, noise excluded).
 ``--noise-impl loop`` runs the full-step comparison above with the old noise instead.
@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from lgm_ray.augment import AugParams, AugSpec
+from lgm_ray.core.augment import AugParams, AugSpec
 
 
 def noise_loop(params: AugParams, spec: AugSpec, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
@@ -50,8 +50,8 @@ def noise_loop(params: AugParams, spec: AugSpec, shape: tuple[int, ...], device,
 
 
 def _use_noise(impl: str) -> None:
-    """Make :func:`lgm_ray.augment.apply` add the old (``loop``) or the current (``hash``) noise."""
-    import lgm_ray.augment as augment
+    """Make :func:`lgm_ray.core.augment.apply` add the old (``loop``) or the current (``hash``) noise."""
+    import lgm_ray.core.augment as augment
 
     if impl == "loop":
         augment.view_noise = noise_loop
@@ -63,11 +63,11 @@ def _rss_mb() -> float:
 
 def run_one(args: argparse.Namespace, mode: str, augs: int) -> dict:
     """One configuration, timed over ``args.repeats`` steps after a warm-up."""
-    from lgm_ray.augment import AugSpec, sample_params
     from lgm_ray.backbones import create_backbone
-    from lgm_ray.matching import SynPass, draw_head, meta_loss_and_grad, real_grad, view_layout
-    from lgm_ray.reference import reference_step
-    from lgm_ray.synset import SyntheticSet
+    from lgm_ray.core.augment import AugSpec, sample_params
+    from lgm_ray.core.matching import SynPass, draw_head, meta_loss_and_grad, real_grad, view_layout
+    from lgm_ray.core.reference import reference_step
+    from lgm_ray.core.synset import SyntheticSet
 
     dev = torch.device(args.device)
     _use_noise(args.noise_impl)
@@ -195,7 +195,7 @@ def _time(fn, repeats: int, dev: torch.device, warm_up: bool = True) -> float:
 
 def noise_benchmark(args: argparse.Namespace) -> list[str]:
     """Old vs new augmentation noise for ``args.views`` views of ``args.crop`` px; returns the lines."""
-    from lgm_ray.augment import sample_params, view_noise
+    from lgm_ray.core.augment import sample_params, view_noise
 
     dev = torch.device(args.device)
     spec = AugSpec(crop_res=args.crop)  # the paper's noise: N(0.5, 0.2²) on half the views

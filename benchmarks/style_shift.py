@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lgm_ray.backbones import create_backbone
-from lgm_ray.baselines import image_features
-from lgm_ray.digits import load_digits_split
+from lgm_ray.evaluate.baselines import image_features
+from lgm_ray.shards.digits import load_digits_split
 
 DEMO_BACKBONES = ("digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer")
 RES = 32

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(spec_path: Path, concurrency: int, steps: int | None, folder: Path) -> dict:
-    from lgm_ray.sweep import run_sweep
-    from lgm_ray.sweep_parse import parse_spec
+    from lgm_ray.sweep.driver import run_sweep
+    from lgm_ray.sweep.parse import parse_spec
 
     data = yaml.safe_load(spec_path.read_text())
     data["name"] = f"{data.get('name', spec_path.stem)}-c{concurrency}"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lgm_ray.config import DistillConfig  # noqa: E402
-from lgm_ray.distill import run_distill  # noqa: E402
+from lgm_ray.distill.config import DistillConfig  # noqa: E402
+from lgm_ray.distill.run import run_distill  # noqa: E402
 
 
 def bytes_per_step(num_classes: int, features: int) -> int:

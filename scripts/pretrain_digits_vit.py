@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from simclr_digits import main as simclr_main
 
-from lgm_ray.models.digits_vit import WEIGHTS, DigitsViT
+from lgm_ray.backbones.digits_vit import WEIGHTS, DigitsViT
 
 
 def main(argv: Sequence[str] | None = None) -> float:

@@ -18,7 +18,7 @@ drawn otherwise (``benchmarks/style_shift.py``), but the distilled sets' margins
 shrank on digits and those over random on MNIST-5k did not grow (the fourth search in that file).
 
 Labels are never used in training. The images are the digits *train* split with the validation
-images held out (``--val-fraction``, the carve of ``lgm_ray.digits.load_digits_split``), so the
+images held out (``--val-fraction``, the carve of ``lgm_ray.shards.digits.load_digits_split``), so the
 ``val`` split stays unseen by the backbones as well as by the settings tuned on it. At the end the
 projection head is dropped, the backbone's ``state_dict`` is written to ``--out``, and a
 logistic-regression probe on frozen features (fit on the full train split, 1,437 images, scored on
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lgm_ray.digits import load_digits_split
-from lgm_ray.models.shipped import DIGITS_MEAN, DIGITS_STD
+from lgm_ray.backbones.shipped import DIGITS_MEAN, DIGITS_STD
+from lgm_ray.shards.digits import load_digits_split
 
 RES = 32
 

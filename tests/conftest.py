@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> str:
     """The digits shards (default build: 32 px PNG), built once per test session."""
-    from lgm_ray.shards_cli import main as shards_main
+    from lgm_ray.shards.__main__ import main as shards_main
 
     out = tmp_path_factory.mktemp("digits_shards") / "digits"
     assert shards_main(["build", "digits", "--out", str(out)]) == 0
@@ -26,7 +26,7 @@ def digits_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def shards(digits_shards):
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     return ShardSet(digits_shards)
 

@@ -1,10 +1,10 @@
-"""Files written whole or not at all (lgm_ray.atomic)."""
+"""Files written whole or not at all (lgm_ray.common.atomic)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lgm_ray.atomic import replace_with, save_figure, write_text
+from lgm_ray.common.atomic import replace_with, save_figure, write_text
 
 
 def test_write_text_creates_folders_and_replaces(tmp_path):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import lgm_ray.augment as augment_module
-from lgm_ray.augment import (
+import lgm_ray.core.augment as augment_module
+from lgm_ray.core.augment import (
     AugParams,
     AugSpec,
     _mix64,

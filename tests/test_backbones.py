@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from lgm_ray import backbones
 from lgm_ray.backbones import (
     Backbone,
     BackboneSpec,
@@ -19,8 +18,9 @@ from lgm_ray.backbones import (
     get_spec,
     list_backbones,
     register_build,
+    registry,
 )
-from lgm_ray.backbones_hub import CLIP_MEAN, CLIP_STD
+from lgm_ray.backbones.hub import CLIP_MEAN, CLIP_STD
 
 REAL = [
     "clip_vitb16", "clip_vitb32",
@@ -61,7 +61,7 @@ def test_architecture_builds_without_weights_and_gives_its_feature_dim(name):
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """A copy of the registry for the test, so test backbones never leak into other tests."""
-    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def test_specs_are_keyword_only_and_the_decorator_registers(scratch_registry):

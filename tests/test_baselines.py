@@ -1,4 +1,4 @@
-"""The real-image baselines' selection rules (lgm_ray.baselines) on hand-made features and digits shards."""
+"""The real-image baselines' selection rules (lgm_ray.evaluate.baselines) on hand-made features and digits shards."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgm_ray import baselines as bl
-from lgm_ray.feature_cache import EvaluationInputError
-from lgm_ray.synset import synset_payload
+from lgm_ray.common.errors import InputError
+from lgm_ray.core.synset import SynsetFileError, synset_payload
+from lgm_ray.evaluate import baselines as bl
+from lgm_ray.evaluate.feature_cache import EvaluationInputError
 
 
 def test_centroid_is_the_image_nearest_the_class_mean():
@@ -77,20 +78,20 @@ def test_synset_class_checks(shards, tmp_path: Path):
 
 
 def test_load_synset_errors(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="does not exist; pass the .pt file") as missing:
+    with pytest.raises(SynsetFileError, match="does not exist; pass the synset.pt") as missing:
         bl.load_synset(tmp_path / "nope.pt")
-    assert isinstance(missing.value, EvaluationInputError)  # the command line reports it as bad input
+    assert isinstance(missing.value, InputError)  # every command reports it as bad input (exit 2)
     bad = tmp_path / "bad.pt"
     torch.save({"pixels": torch.zeros(1)}, bad)
-    with pytest.raises(EvaluationInputError, match="is not a synthetic set"):
+    with pytest.raises(SynsetFileError, match="is not a synthetic set"):
         bl.load_synset(bad)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(EvaluationInputError, match="cannot load synthetic set"):
+    with pytest.raises(SynsetFileError, match="cannot load synthetic set"):
         bl.load_synset(junk)
     out_of_range = tmp_path / "range.pt"
     torch.save({"images": torch.full((1, 3, 4, 4), 2.0), "labels": torch.tensor([0])}, out_of_range)
-    with pytest.raises(EvaluationInputError, match="must lie in \\[0, 1\\]"):
+    with pytest.raises(SynsetFileError, match="must lie in \\[0, 1\\]"):
         bl.load_synset(out_of_range)
     good = tmp_path / "good.pt"
     images = torch.rand(2, 3, 8, 8)

@@ -70,7 +70,7 @@ def test_nothing_listens_on_a_public_address(cluster):
 
 
 def test_the_paper_specs_use_the_clusters_shared_storage_and_object_storage(cluster):
-    from lgm_ray.sweep_parse import load_spec
+    from lgm_ray.sweep.parse import load_spec
 
     setup = " ".join(cluster["setup_commands"] + cluster["head_setup_commands"])
     for name in ("cross_model", "ablation"):

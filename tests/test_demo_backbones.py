@@ -1,6 +1,6 @@
 """The demo backbones (CNN, ViT, MLP-Mixer): registry entries, normalised frozen output, shipped weights.
 
-Each is used through :func:`lgm_ray.backbones.create_backbone`, the path users and the distillation
+Each is used through :func:`lgm_ray.backbones.frozen.create_backbone`, the path users and the distillation
 take. The feature-quality check is the issue's own bar: a linear probe on frozen features of the full
 digits train split reaches 95 % top-1 on test.
 """
@@ -13,10 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from lgm_ray.backbones import BackboneWeightsError, create_backbone, get_spec, list_backbones
-from lgm_ray.digits import load_digits_split
-from lgm_ray.models import DIGITS_CNN_WEIGHTS, digits_mixer, digits_vit
-from lgm_ray.models.legibility import digits_pixel_classifier, legibility
+from lgm_ray.backbones import (
+    BackboneWeightsError,
+    create_backbone,
+    digits_mixer,
+    digits_vit,
+    get_spec,
+    list_backbones,
+)
+from lgm_ray.backbones.digits_cnn import DIGITS_CNN_WEIGHTS
+from lgm_ray.evaluate.legibility import digits_pixel_classifier, legibility
+from lgm_ray.shards.digits import load_digits_split
 
 NEW = {"digits_simclr_vit": digits_vit, "digits_simclr_mixer": digits_mixer}
 DEMO = ["digits_simclr_cnn", *NEW]
@@ -41,7 +48,7 @@ def test_demo_backbones_are_registered_as_three_families() -> None:
     for name in NEW:
         spec = get_spec(name)
         assert spec.source == "lgm_ray" and spec.resolution == 32 and spec.ends_in_norm
-        assert Path(NEW[name].WEIGHTS).parent == Path(digits_vit.__file__).resolve().parents[1] / "weights"
+        assert Path(NEW[name].WEIGHTS).parent == Path(digits_vit.__file__).resolve().parent / "weights"
 
 
 def test_importing_the_registry_alone_registers_them() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgm_ray.distill import main as distill_main
-from lgm_ray.evaluate import evaluate_baseline, evaluate_synset
-from lgm_ray.models.legibility import digits_pixel_classifier, legibility
+from lgm_ray.distill.__main__ import main as distill_main
+from lgm_ray.evaluate.legibility import digits_pixel_classifier, legibility
+from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "digits_demo.yaml"
 DEMO_BACKBONES = ["digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import demo_table  # noqa: E402
 
-from lgm_ray.digits import load_digits_split  # noqa: E402
+from lgm_ray.shards.digits import load_digits_split  # noqa: E402
 
 
 def _grey_share(x: torch.Tensor) -> float:

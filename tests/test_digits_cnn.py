@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lgm_ray.backbones import BackboneWeightsError
-from lgm_ray.digits import load_digits_split
-from lgm_ray.models import DIGITS_CNN_MEAN, DIGITS_CNN_STD, DigitsCNN, load_digits_cnn
+from lgm_ray.backbones.digits_cnn import DIGITS_CNN_MEAN, DIGITS_CNN_STD, DigitsCNN, load_digits_cnn
+from lgm_ray.shards.digits import load_digits_split
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

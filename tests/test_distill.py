@@ -17,9 +17,10 @@ from overflow import Amplify
 from torch import nn
 
 from lgm_ray import backbones
-from lgm_ray.checkpoints import latest_checkpoint
-from lgm_ray.config import REFERENCE_PRESET, DistillConfig
-from lgm_ray.distill import main
+from lgm_ray.backbones import registry
+from lgm_ray.distill.__main__ import main
+from lgm_ray.distill.checkpoints import latest_checkpoint
+from lgm_ray.distill.config import REFERENCE_PRESET, DistillConfig
 
 FAST = ["--shards", "digits", "--syn-res", "16", "--real-res", "16", "--crop-res", "16",
         "--augs-per-batch", "2", "--pyramid-extent", "4", "--log-every", "5"]
@@ -27,7 +28,7 @@ FAST = ["--shards", "digits", "--syn-res", "16", "--real-res", "16", "--crop-res
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lgm_ray.distill", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "lgm_ray.distill.run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
@@ -241,7 +242,7 @@ def overflow_backbones():
             build=lambda pretrained, weights, img_size, f=factor: _OverflowCNN(f)))
     yield names
     for name in names:
-        backbones._REGISTRY.pop(name)
+        registry._REGISTRY.pop(name)
 
 
 def test_fp16_overflow_backs_off_and_the_images_stay_finite(tmp_path, overflow_backbones):
@@ -274,7 +275,7 @@ def test_steps_that_stay_non_finite_are_skipped_counted_and_stop_the_run(tmp_pat
 
 
 def test_distills_from_webdataset_shards(tmp_path):
-    from lgm_ray.shards_cli import main as shards_main
+    from lgm_ray.shards.__main__ import main as shards_main
 
     root = tmp_path / "shards"
     assert shards_main(["build", "digits", "--out", str(root), "--real-res", "16", "--shard-size", "400"]) == 0
@@ -294,10 +295,10 @@ def test_grey_images_for_grey_datasets(tmp_path):
 
 @pytest.mark.parametrize("param", ["pixel", "pyramid"])
 def test_real_init_starts_from_one_real_train_image_per_class(tmp_path, param):
-    from lgm_ray.digits import load_digits_split
-    from lgm_ray.loop import real_start
-    from lgm_ray.sources import DigitsSource
-    from lgm_ray.synset import REAL_INIT_EPS
+    from lgm_ray.core.synset import REAL_INIT_EPS
+    from lgm_ray.distill.loop import real_start
+    from lgm_ray.distill.real_batches import DigitsSource
+    from lgm_ray.shards.digits import load_digits_split
 
     # lr ≈ 0: the saved set is its start. Every row must be a real digits train image of its class.
     main([*FAST, "--steps", "1", "--grey", "--param", param, "--init", "real", "--lr", "1e-12",

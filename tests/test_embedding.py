@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lgm_ray.embedding import (
+from lgm_ray.report.embedding import (
     EmbeddingInputError,
     embed_set,
     main,
@@ -18,7 +18,7 @@ from lgm_ray.embedding import (
     project_2d,
     summarize,
 )
-from lgm_ray.embedding_features import FeaturesUnavailable, set_features
+from lgm_ray.report.embedding_features import FeaturesUnavailable, set_features
 
 # Class 0: four real points around the mean (0, 0) at distances 1, 1, 3, 3 (radius: median 2).
 # Class 1: the same shape around (10, 0).
@@ -117,7 +117,7 @@ def test_embed_set_map_points_and_plot(tmp_path):
 @pytest.fixture(scope="module")
 def real_test_set(digits_shards):
     """The first test image of each class, saved as a 'distilled' set of the demo backbone."""
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     shards = ShardSet(digits_shards)
     xs, ys = [], []

@@ -1,4 +1,4 @@
-"""Evaluation end to end on the digits shards and the shipped demo backbone (lgm_ray.evaluate, lgm_ray.cross_model)."""
+"""Evaluation end to end on the digits shards and the shipped demo backbone (lgm_ray.evaluate.protocol, lgm_ray.evaluate.cross_model)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lgm_ray.feature_cache as fc
-from lgm_ray import backbones, probe
-from lgm_ray import cross_model as cm
-from lgm_ray import evaluate as ev
-from lgm_ray.config import DistillConfig
-from lgm_ray.models.digits_cnn import DigitsCNN
-from lgm_ray.synset import synset_payload
+import lgm_ray.evaluate.feature_cache as fc
+from lgm_ray import backbones
+from lgm_ray.backbones import registry
+from lgm_ray.backbones.digits_cnn import DigitsCNN
+from lgm_ray.core.synset import synset_payload
+from lgm_ray.distill.config import DistillConfig
+from lgm_ray.evaluate import cross_model as cm
+from lgm_ray.evaluate import probe as probe
+from lgm_ray.evaluate import protocol as ev
 
 BACKBONE = "digits_simclr_cnn"
 TWIN = "digits_cnn_twin"  # the demo backbone under a second name: a second backbone for cross-model tests
@@ -70,7 +72,7 @@ def odd_set_file(real_set, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> str:
     """Digits shards with a validation split held out of train (20 % of each class)."""
-    from lgm_ray.shards_cli import main as shards_main
+    from lgm_ray.shards.__main__ import main as shards_main
 
     out = tmp_path_factory.mktemp("digits_val") / "digits"
     assert shards_main(["build", "digits", "--out", str(out), "--val-fraction", "0.2"]) == 0
@@ -89,7 +91,7 @@ def random_weights(tmp_path_factory) -> str:
 @pytest.fixture
 def twin(monkeypatch) -> str:
     """Register the demo backbone a second time, under another name, for this test only."""
-    monkeypatch.setitem(backbones._REGISTRY, TWIN, dataclasses.replace(backbones.get_spec(BACKBONE), name=TWIN))
+    monkeypatch.setitem(registry._REGISTRY, TWIN, dataclasses.replace(backbones.get_spec(BACKBONE), name=TWIN))
     return TWIN
 
 
@@ -127,7 +129,7 @@ def _summary(r: dict) -> tuple:
 
 def _scores_by_hand(images, labels, shards, seed: int, *, epochs: int, res: int = 32, crop: int = 32,
                     split: str = "test", normalization: str = "native") -> dict:
-    """One probe seed computed outside lgm_ray.evaluate: fresh backbone, own feature pass, no cache."""
+    """One probe seed computed outside lgm_ray.evaluate.protocol: fresh backbone, own feature pass, no cache."""
     bb = backbones.create_backbone(BACKBONE, normalization=normalization)
     feats, y, _ = fc.extract_features(bb, shards.eval_batches(split, resize=res, crop=crop))
     head = probe.train_probe_on_images(images, labels, bb, feature_dim=bb.feature_dim, num_classes=10, seed=seed,
@@ -158,7 +160,7 @@ def test_cli_numbers_are_the_protocols(digits_shards, shards, synset_file, real_
     t1 = torch.tensor(out["top1_per_seed"], dtype=torch.float64)
     assert out["top1_mean"] == pytest.approx(float(t1.mean()))
     assert out["top1_std"] == pytest.approx(float(((t1 - t1.mean()) ** 2).mean().sqrt()))  # population std
-    # Each seed's numbers, recomputed outside lgm_ray.evaluate (seed 3407 + k, the test split, the set):
+    # Each seed's numbers, recomputed outside lgm_ray.evaluate.protocol (seed 3407 + k, the test split, the set):
     images, labels, _ = real_set
     for k, seed in enumerate((3407, 3408)):
         by_hand = _scores_by_hand(images, labels, shards, seed, epochs=10)
@@ -184,7 +186,7 @@ def test_full_reference_mode_streams_augmented_images(digits_shards, cache_dir):
 
 
 def test_random_baseline_trains_seed_k_on_selection_k(digits_shards, shards, cache_dir):
-    from lgm_ray import baselines as bl
+    from lgm_ray.evaluate import baselines as bl
 
     r = ev.evaluate_baseline("random", BACKBONE, digits_shards, cache_dir=cache_dir, **FAST)
     for k in (0, 1):
@@ -303,7 +305,7 @@ def test_reference_format_set_uses_flags_or_defaults_and_says_so(digits_shards, 
 
 
 def test_split_val_scores_on_the_validation_split(val_shards, real_set, tmp_path, capsys):
-    from lgm_ray.shards import ShardSet
+    from lgm_ray.shards.reader import ShardSet
 
     shards = ShardSet(val_shards)
     images, labels, _ = real_set
@@ -554,7 +556,7 @@ def test_cross_model_inside_a_trial_stays_in_the_trials_placement_group(digits_s
         def evaluate(self, parallel, forbid_tasks: bool):
             import ray as ray_in_trial
 
-            from lgm_ray import cross_model as cm
+            from lgm_ray.evaluate import cross_model as cm
 
             if forbid_tasks:
                 def no_tasks(*args, **kwargs):
@@ -650,8 +652,8 @@ def test_internal_errors_are_not_dressed_up_as_usage_errors(digits_shards, synse
 
 def test_a_reference_preset_set_is_evaluated_on_its_backbones_raw_output():
     from lgm_ray.backbones import create_backbone
-    from lgm_ray.evaluate import synset_settings
-    from lgm_ray.feature_cache import backbone_fingerprint
+    from lgm_ray.evaluate.feature_cache import backbone_fingerprint
+    from lgm_ray.evaluate.protocol import synset_settings
 
     payload = {"backbone": "digits_simclr_cnn",
                "config": {"backbone": "digits_simclr_cnn", "raw_output": True, "normalization": "imagenet",

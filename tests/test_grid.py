@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from lgm_ray.backbones import create_backbone, get_spec
-from lgm_ray.digits import load_digits_split
-from lgm_ray.feature_cache import backbone_fingerprint
-from lgm_ray.models.grid import GridProjection
+from lgm_ray.backbones.grid import GridProjection
+from lgm_ray.evaluate.feature_cache import backbone_fingerprint
+from lgm_ray.shards.digits import load_digits_split
 
 DEMO = ("digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer")
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from overflow import Amplify
 from torch import nn
 
-from lgm_ray.augment import AugSpec, sample_params
-from lgm_ray.matching import (
+from lgm_ray.core.augment import AugSpec, sample_params
+from lgm_ray.core.matching import (
     SynPass,
     derive_seed,
     draw_head,
@@ -22,8 +22,8 @@ from lgm_ray.matching import (
     shard_views,
     view_layout,
 )
-from lgm_ray.reference import reference_step
-from lgm_ray.synset import SyntheticSet
+from lgm_ray.core.reference import reference_step
+from lgm_ray.core.synset import SyntheticSet
 
 
 class TinyNet(nn.Module):

@@ -1,4 +1,4 @@
-"""The linear-probe protocol's pieces (lgm_ray.probe), on tiny tensors: no shards, no files."""
+"""The linear-probe protocol's pieces (lgm_ray.evaluate.probe), on tiny tensors: no shards, no files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lgm_ray import probe
+from lgm_ray.evaluate import probe as probe
 
 
 class CountingNet(nn.Module):

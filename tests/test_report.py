@@ -1,11 +1,11 @@
 """The sweep report: built from a sweep folder and from MLflow, checked as files, in headless Chromium,
 and in the MLflow UI served by ``mlflow server``.
 
-The sweep folder is made here in :mod:`lgm_ray.sweep`'s layout (no Ray, no distillation): three
+The sweep folder is made here in :mod:`lgm_ray.sweep.driver`'s layout (no Ray, no distillation): three
 finished trials — the demo backbone on two ablation points, and a second distillation backbone that
 is not in the registry (its embedding map is skipped, as for a set whose backbone is not at hand) —
 one failed trial, three baselines, all logged to MLflow as the sweep logs them
-(:func:`lgm_ray.sweep_mlflow.log_trial_result`). Known numbers go in; the tests look for them on the page.
+(:func:`lgm_ray.sweep.mlflow_runs.log_trial_result`). Known numbers go in; the tests look for them on the page.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from lgm_ray.report import build_report, main
-from lgm_ray.report_load import ReportError, paper_comparison
+from lgm_ray.report.build import build_report, main
+from lgm_ray.report.load import ReportError, paper_comparison
 
 BACKBONE = "digits_simclr_cnn"
 OTHER = "digits_other_vit"  # a distillation backbone of the sweep that this machine does not have
@@ -60,11 +60,11 @@ def _eval(top1: list[float]) -> dict:
 
 def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS, name: str = "report_test",
                steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT) -> Path:
-    """A sweep folder in lgm_ray.sweep's layout, logged to MLflow as the sweep logs it when ``tracking_uri``."""
-    from lgm_ray.distill import save_grid
-    from lgm_ray.seeds import generator
-    from lgm_ray.synset import synset_payload
-    from lgm_ray.tracking import Tracker
+    """A sweep folder in lgm_ray.sweep.driver's layout, logged to MLflow as the sweep logs it when ``tracking_uri``."""
+    from lgm_ray.core.seeds import generator
+    from lgm_ray.core.synset import synset_payload
+    from lgm_ray.distill.run import save_grid
+    from lgm_ray.results.tracking import Tracker
 
     sweep = root / name
     sweep.mkdir(parents=True)
@@ -112,7 +112,7 @@ def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS,
                   "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}}
         (run / "result.json").write_text(json.dumps(result))
         if tracker:
-            from lgm_ray.sweep_mlflow import log_trial_result
+            from lgm_ray.sweep.mlflow_runs import log_trial_result
 
             child = tracker.child(exp, parent, key, tags={"dataset": "digits", "distill_backbone": backbone})
             log_trial_result(tracker, child, run)
@@ -273,7 +273,7 @@ def test_figures_are_artifacts_of_the_parent_run_and_maps_of_the_child_runs(repo
     import pandas as pd
     from mlflow import MlflowClient
 
-    from lgm_ray.tracking import Tracker
+    from lgm_ray.results.tracking import Tracker
 
     state = json.loads((sweep_dir / "sweep_state.json").read_text())
     client = MlflowClient(store)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lgm_ray.result_tables import (
+from lgm_ray.results.tables import (
     ablation_table,
     cross_model_table,
     results_frame,

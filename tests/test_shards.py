@@ -1,4 +1,4 @@
-"""lgm_ray.shards on real tar files written into tmp_path: build, verify, stream, bad input."""
+"""lgm_ray.shards.reader on real tar files written into tmp_path: build, verify, stream, bad input."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lgm_ray.shards import ShardSet
-from lgm_ray.shards_build import build
-from lgm_ray.shards_cli import main, verify
-from lgm_ray.shards_format import ShardError
+from lgm_ray.shards.__main__ import main, verify
+from lgm_ray.shards.build import build
+from lgm_ray.shards.format import ShardError
+from lgm_ray.shards.reader import ShardSet
 
 # ---------------------------------------------------------------- helpers
 
@@ -131,7 +131,7 @@ def bad_copy(square_set: Path, tmp_path: Path) -> Path:
 
 
 def test_build_digits_manifest_and_contents(tmp_path: Path) -> None:
-    from lgm_ray.digits import load_digits_split
+    from lgm_ray.shards.digits import load_digits_split
 
     out = tmp_path / "digits"
     assert main(["build", "digits", "--out", str(out), "--shard-size", "500"]) == 0
@@ -305,17 +305,15 @@ def test_webdataset_reads_the_shards(fixture: str, request: pytest.FixtureReques
 
 def test_no_hand_written_tar_reading() -> None:
     """The tar work is webdataset's: lgm_ray's shard modules do not use tarfile themselves."""
-    from lgm_ray import (
-        shards,
-        shards_build,
-        shards_decode,
-        shards_format,
-        shards_index,
-        shards_io,
-        shards_locate,
-        shards_sources,
-        shards_stream,
-    )
+    from lgm_ray.shards import build as shards_build
+    from lgm_ray.shards import decode as shards_decode
+    from lgm_ray.shards import format as shards_format
+    from lgm_ray.shards import index as shards_index
+    from lgm_ray.shards import io as shards_io
+    from lgm_ray.shards import locate as shards_locate
+    from lgm_ray.shards import reader as shards
+    from lgm_ray.shards import sources as shards_sources
+    from lgm_ray.shards import stream as shards_stream
 
     for module in (shards, shards_build, shards_decode, shards_format, shards_index, shards_io, shards_locate,
                    shards_sources, shards_stream):
@@ -443,7 +441,7 @@ def test_remote_urls(square_set: Path) -> None:
 
 def test_shards_stream_never_whole(digits_shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first batch comes after reading a small part of a 1,000-sample shard: buffers, not shards."""
-    from lgm_ray import shards_io
+    from lgm_ray.shards import io as shards_io
 
     reads: list[int] = []
     real = shards_io.open_stream
@@ -502,7 +500,7 @@ def test_skip_policy_keeps_batches_exact(bad_copy: Path) -> None:
 
 
 def test_missing_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ShardError, match=r"manifest.json.*lgm_ray.shards build"):
+    with pytest.raises(ShardError, match=r"manifest.json.*lgm_ray.shards.reader build"):
         ShardSet(str(tmp_path))
 
 
@@ -652,7 +650,7 @@ def _val_build(tmp_path: Path, name: str, *extra: str) -> Path:
 
 
 def test_build_digits_val_split_matches_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lgm_ray.digits import load_digits_split
+    from lgm_ray.shards.digits import load_digits_split
 
     out = _val_build(tmp_path, "val", "--val-fraction", "0.1", "--val-seed", "3")
     m = _manifest(out)

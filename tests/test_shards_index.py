@@ -22,11 +22,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lgm_ray.shards import ShardSet
-from lgm_ray.shards_cli import main, verify
-from lgm_ray.shards_decode import crop_array, resize_short
-from lgm_ray.shards_format import ShardError
-from lgm_ray.shards_index import index
+from lgm_ray.shards.__main__ import main, verify
+from lgm_ray.shards.decode import crop_array, resize_short
+from lgm_ray.shards.format import ShardError
+from lgm_ray.shards.index import index
+from lgm_ray.shards.reader import ShardSet
 
 NAMES = ["tench", "goldfish", "great white shark"]
 
@@ -160,9 +160,9 @@ def test_label_from_a_json_field_and_names_by_index(jpeg_json: Path, tmp_path: P
 
 @pytest.mark.parametrize("layout", ["jpeg_json", "webp_names"])
 def test_index_distill_evaluate(layout: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from lgm_ray.config import DistillConfig
-    from lgm_ray.distill import run_distill
-    from lgm_ray.evaluate import evaluate_baseline, evaluate_synset
+    from lgm_ray.distill.config import DistillConfig
+    from lgm_ray.distill.run import run_distill
+    from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset
 
     root = request.getfixturevalue(layout)
     if layout == "jpeg_json":

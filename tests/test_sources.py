@@ -1,4 +1,4 @@
-"""lgm_ray.sources: the real batch of a step is a function of (seed, step) and the data alone.
+"""lgm_ray.distill.real_batches: the real batch of a step is a function of (seed, step) and the data alone.
 
 Checked on real shards (digits, built in fixtures: 2 train shards sliced across 8 streams, and 15 train
 shards dealt whole, also indexed as foreign shards with a validation split carved out by position) and on
@@ -13,9 +13,9 @@ from itertools import islice
 import pytest
 import torch
 
-from lgm_ray import shards_decode
-from lgm_ray.digits import load_digits_split
-from lgm_ray.sources import DigitsSource, RealBatch, ShardSource
+from lgm_ray.distill.real_batches import DigitsSource, RealBatch, ShardSource
+from lgm_ray.shards import decode as shards_decode
+from lgm_ray.shards.digits import load_digits_split
 
 B = 50  # not a multiple of 8: streams give 7, 7, 6, 6, 6, 6, 6, 6 samples per step
 STEPS = 40  # 40 × 50 > 1,437 train samples: past the first epoch of every stream
@@ -24,7 +24,7 @@ STEPS = 40  # 40 × 50 > 1,437 train samples: past the first epoch of every stre
 @pytest.fixture(scope="module")
 def dealt_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Digits in shards of 100: 15 train shards, at least one whole shard per stream."""
-    from lgm_ray.shards_cli import main
+    from lgm_ray.shards.__main__ import main
 
     out = tmp_path_factory.mktemp("dealt") / "digits"
     assert main(["build", "digits", "--out", str(out), "--shard-size", "100", "--workers", "1"]) == 0
@@ -34,7 +34,7 @@ def dealt_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def indexed_shards(dealt_shards: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The dealt train shards indexed as shards lgm_ray did not write, with val carved out by position."""
-    from lgm_ray.shards_index import index
+    from lgm_ray.shards.index import index
 
     out = tmp_path_factory.mktemp("indexed")
     index(f"{dealt_shards}/train-{{000000..000014}}.tar", out=str(out), val_fraction=0.1)

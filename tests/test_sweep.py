@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lgm_ray.sweep import main
-from lgm_ray.sweep_mlflow import STATE_FILE
-from lgm_ray.sweep_trial import RESULT_FILE
+from lgm_ray.sweep.__main__ import main
+from lgm_ray.sweep.mlflow_runs import STATE_FILE
+from lgm_ray.sweep.trial import RESULT_FILE
 
 pytestmark = pytest.mark.slow
 BACKBONE = "digits_simclr_cnn"
@@ -259,7 +259,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, dig
     )
     sweep_dir = tmp_path / "runs" / "resume"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lgm_ray.sweep", str(spec), "--address", local_ray],
+        [sys.executable, "-m", "lgm_ray.sweep.driver", str(spec), "--address", local_ray],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lgm_ray.backbones import list_backbones
-from lgm_ray.sweep_parse import check_resources, load_spec, parse_spec
-from lgm_ray.sweep_spec import Resources, SpecError, eval_defaults
+from lgm_ray.sweep.parse import check_resources, load_spec, parse_spec
+from lgm_ray.sweep.spec import Resources, SpecError, eval_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = [b for b in list_backbones() if b.startswith("digits_")]
@@ -164,7 +164,7 @@ def test_relative_paths_are_made_absolute_from_the_working_directory(tmp_path):
 def test_eval_defaults_come_from_evaluate():
     import inspect
 
-    from lgm_ray.evaluate import evaluate
+    from lgm_ray.evaluate.protocol import evaluate
 
     params = inspect.signature(evaluate).parameters
     assert eval_defaults()["epochs"] == params["epochs"].default

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lgm_ray.seeds import generator
-from lgm_ray.synset import (
+from lgm_ray.core.seeds import generator
+from lgm_ray.core.synset import (
     COLOR_MATRIX,
     REAL_INIT_EPS,
     SyntheticSet,

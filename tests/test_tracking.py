@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lgm_ray.tracking import (
+from lgm_ray.results.tracking import (
     KEY_TAG,
     KIND_TAG,
     PARENT_TAG,

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgm_ray.checkpoints import latest_checkpoint
-from lgm_ray.config import ConfigError, DistillConfig
-from lgm_ray.distill import main, run_distill
+from lgm_ray.distill.__main__ import main
+from lgm_ray.distill.checkpoints import latest_checkpoint
+from lgm_ray.distill.config import ConfigError, DistillConfig
+from lgm_ray.distill.run import run_distill
 
 pytestmark = pytest.mark.slow
 

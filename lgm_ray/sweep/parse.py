@@ -1,0 +1,471 @@
+"""Reading and checking a sweep spec: YAML → checked values → :class:`~lgm_ray.sweep.spec.SweepSpec`.
+
+:func:`load_spec` reads a file; :func:`parse_spec` checks every field of the mapping (unknown keys get
+the nearest valid name; values are checked against the types of ``DistillConfig`` and of
+:func:`lgm_ray.evaluate.protocol.evaluate`), expands backbone globs against the registry and ablation axes into
+points, makes relative paths absolute, then checks that every grid point makes a valid
+``DistillConfig`` and that the datasets' shards exist. :func:`check_resources` checks a trial's
+request against the nodes of a cluster, which the driver knows only once Ray is up.
+
+Everything a spec can get wrong fails here, before any trial starts, with one message naming the
+field and the fix (:class:`~lgm_ray.sweep.spec.SpecError`). What a spec is (its classes, field names
+and defaults) is in :mod:`lgm_ray.sweep.spec`; this module holds only how raw YAML becomes one and why
+a bad one is refused, so each reads on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import itertools
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lgm_ray.distill.config import ConfigError, DistillConfig
+from lgm_ray.sweep.spec import (
+    GRID_FIELDS,
+    SPEC_KEYS,
+    Dataset,
+    Resources,
+    SpecError,
+    SweepSpec,
+    Tracking,
+    eval_defaults,
+    run_field_types,
+)
+
+# ---------------------------------------------------------------- keys and types
+
+
+def suggest(name: str, valid: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest valid name, or ``''``."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_keys(data: dict, valid: list[str] | tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in valid:
+            raise SpecError(
+                f"{where}: unknown key {key!r}{suggest(str(key), valid)}; valid keys: {', '.join(valid)}"
+            )
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the basic types a YAML file can hold)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def check_type(value: Any, hint: Any, where: str) -> None:
+    """Raise :class:`SpecError` unless ``value`` fits ``hint``."""
+    if not _type_ok(value, hint):
+        raise SpecError(f"{where} = {value!r}: expected {_type_name(hint)}, got {type(value).__name__}")
+
+
+def _build(cls: type, data: Any, where: str):
+    """A dataclass from a mapping: unknown keys (with a suggestion) and types checked from ``cls``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    _unknown_keys(data, names, where)
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        check_type(value, hints[key], f"{where}.{key}")
+    return cls(**data)
+
+
+# ---------------------------------------------------------------- run fields and probe fields
+
+
+def check_run_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check keys and value types of ``DistillConfig`` overrides (refusing the fields the grid sets);
+    return them coerced to the fields' types (by ``DistillConfig.coerce``, the one place that does it)."""
+    hints = run_field_types()
+    out = {}
+    for key, value in data.items():
+        if key in GRID_FIELDS:
+            raise SpecError(f"{where}: {key!r} is set by the sweep grid; use {GRID_FIELDS[key]} instead")
+        if key not in hints:
+            raise SpecError(
+                f"{where}: unknown run field {key!r}{suggest(str(key), list(hints))}; "
+                f"run fields are those of lgm_ray.distill.config.DistillConfig: {', '.join(hints)}"
+            )
+        coerce = getattr(DistillConfig, "coerce", None)
+        if coerce is None:
+            check_type(value, hints[key], f"{where}.{key}")
+            out[key] = value
+            continue
+        try:
+            out[key] = coerce(key, value, f"{where}.{key}")
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+    return out
+
+
+def _check_eval(data: Any) -> dict[str, Any]:
+    from lgm_ray.evaluate.protocol import FULL_MODES, evaluate
+
+    if data is None:
+        return {}
+    fields_ = tuple(eval_defaults())
+    if not isinstance(data, dict):
+        raise SpecError(f"eval must be a mapping of {', '.join(fields_)}")
+    _unknown_keys(data, fields_, "eval")
+    hints = typing.get_type_hints(evaluate)
+    for key, value in data.items():
+        check_type(value, hints[key], f"eval.{key}")
+    for key in ("epochs", "seeds", "batch"):
+        if data.get(key) is not None and data[key] < 1:
+            raise SpecError(f"eval.{key} = {data[key]!r}: must be ≥ 1")
+    if "full_mode" in data and data["full_mode"] not in FULL_MODES:
+        raise SpecError(f"eval.full_mode = {data['full_mode']!r}: choose one of {', '.join(FULL_MODES)}")
+    return dict(data)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _names(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{where} must be a list of names")
+    if not value:
+        raise SpecError(f"{where} is empty: name at least one")
+    return value
+
+
+def expand_backbones(patterns: list[str], where: str) -> list[str]:
+    """Registry names for a list of names / globs; an unknown name lists the known ones."""
+    from lgm_ray.backbones import list_backbones
+
+    known = list_backbones()
+    out: list[str] = []
+    for pat in patterns:
+        hits = fnmatch.filter(known, pat) if any(c in pat for c in "*?[") else [pat] if pat in known else []
+        if not hits:
+            raise SpecError(
+                f"{where}: unknown backbone {pat!r}{suggest(pat, known)}; known backbones: {', '.join(known)}"
+            )
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def _abs(path: str, base: Path) -> str:
+    if "://" in path:
+        return path
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def _datasets(value: Any, cwd: Path) -> list[Dataset]:
+    from lgm_ray.shards.sources import SOURCES
+
+    if not isinstance(value, dict) or not value:
+        raise SpecError("datasets must map a name to a shards folder/URL, e.g. {digits: shards/digits}")
+    out = []
+    for name, entry in value.items():
+        where = f"datasets.{name}"
+        if isinstance(entry, str):
+            entry = {"shards": entry}
+        if not isinstance(entry, dict):
+            raise SpecError(f"{where} must be a shards path or a mapping {{shards: PATH, build: SOURCE}}")
+        _unknown_keys(entry, ("shards", "build"), where)
+        if not isinstance(entry.get("shards"), str):
+            raise SpecError(f"{where}.shards: give the shard folder or URL")
+        build = entry.get("build")
+        if build is not None and build != "digits":
+            raise SpecError(
+                f"{where}.build = {build!r}: only offline sources can be built on demand "
+                f"('digits'); build others first with `python -m lgm_ray.shards build` "
+                f"(sources: {', '.join(SOURCES)})"
+            )
+        out.append(Dataset(str(name), _abs(entry["shards"], cwd), build))
+    return out
+
+
+def _ablations(value: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ablation points: a mapping axis → values is their product; a list names each point."""
+    if value is None:
+        return [{}]
+    if isinstance(value, dict):
+        for axis, values in value.items():
+            if isinstance(values, list) and not values:
+                raise SpecError(f"ablations.{axis} has no values: give at least one, or remove the axis")
+        axes = {axis: values if isinstance(values, list) else [values] for axis, values in value.items()}
+        points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    elif isinstance(value, list):
+        if not value:
+            raise SpecError("ablations is an empty list: name at least one point ({} is the unablated run)")
+        points = value
+    else:
+        raise SpecError(
+            "ablations must map a run field to its values ({param: [pyramid, pixel]}, a grid) or "
+            "list the points ([{}, {color: false}, {param: pixel}])"
+        )
+    out: list[dict[str, Any]] = []
+    for i, point in enumerate(points):
+        where = "ablations" if isinstance(value, dict) else f"ablations[{i}]"
+        if not isinstance(point, dict):
+            raise SpecError(f"{where} must be a mapping of run fields, e.g. {{color: false}}")
+        point = check_run_fields(point, where)
+        for axis in point:
+            if axis in config:
+                raise SpecError(f"ablations.{axis}: {axis!r} is also set in config; keep it in one place")
+        if point in out:
+            raise SpecError(
+                f"{where}: the point {point} is listed twice"
+                if isinstance(value, list)
+                else f"ablations.{next(iter(point))} lists a value twice"
+            )
+        out.append(point)
+    return out
+
+
+def parse_spec(
+    data: dict[str, Any],
+    *,
+    source: str | None = None,
+    cwd: str | Path | None = None,
+    check_paths: bool = True,
+) -> SweepSpec:
+    """Validate a spec mapping and resolve it.
+
+    Args:
+        data: the YAML's mapping.
+        source: the file it came from (for messages and the default name).
+        cwd: base of relative paths (default: the working directory).
+        check_paths: check that the datasets' shard folders exist (or can be built) and open.
+
+    Raises:
+        SpecError: naming the field and the fix.
+    """
+    cwd = Path(cwd or Path.cwd())
+    where = source or "spec"
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must hold a mapping of spec fields ({', '.join(SPEC_KEYS)})")
+    _unknown_keys(data, SPEC_KEYS, where)
+    for required in ("datasets", "backbones"):
+        if required not in data:
+            raise SpecError(f"{where}: missing {required!r}")
+    name = data.get("name") or (Path(source).stem if source else None)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SpecError(f"name = {name!r}: give a name of letters, digits, '_', '.', '-'")
+
+    config: dict[str, Any] = {}
+    if data.get("config_file") is not None:
+        from lgm_ray.distill.config import load_yaml
+
+        file = _abs(str(data["config_file"]), cwd)
+        try:
+            config.update(load_yaml(file))
+        except ConfigError as exc:
+            raise SpecError(f"config_file: {exc}") from None
+        for k in GRID_FIELDS:
+            config.pop(k, None)  # a run config file may name its own data and output; the grid sets them
+        config = check_run_fields(config, f"config_file {file}")
+    overrides = data.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise SpecError("config must map run fields (lgm_ray.distill.config.DistillConfig) to values")
+    overrides = check_run_fields(overrides, "config")
+    config.update(overrides)
+    # A point's values override config_file's; a key a point does not set keeps config_file's value
+    # (a list point {} is the config file's own run, not the defaults).
+    ablations = _ablations(data.get("ablations"), overrides)
+
+    backbones = expand_backbones(_names(data["backbones"], "backbones"), "backbones")
+    eval_backbones = expand_backbones(
+        _names(data.get("eval_backbones") or backbones, "eval_backbones"), "eval_backbones"
+    )
+    ablation_backbones = None
+    if data.get("ablation_backbones") is not None:
+        ablation_backbones = expand_backbones(
+            _names(data["ablation_backbones"], "ablation_backbones"), "ablation_backbones"
+        )
+        outside = [b for b in ablation_backbones if b not in backbones]
+        if outside:
+            raise SpecError(f"ablation_backbones: {outside} are not distillation backbones ({backbones})")
+    seeds = data.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if not isinstance(seeds, list) or not seeds or not all(_type_ok(s, int) for s in seeds):
+        raise SpecError(f"seeds = {seeds!r}: give a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"seeds = {seeds!r} lists a seed twice")
+    from lgm_ray.evaluate.baselines import BASELINES
+
+    baselines = data.get("baselines", list(BASELINES))
+    baselines = [] if baselines is None else baselines
+    if not isinstance(baselines, list):
+        raise SpecError("baselines must be a list (possibly empty)")
+    for b in baselines:
+        if b not in BASELINES:
+            raise SpecError(
+                f"baselines: unknown baseline {b!r}{suggest(str(b), BASELINES)}; "
+                f"choose from {', '.join(BASELINES)}"
+            )
+    storage = data.get("storage", "runs/sweeps")
+    if not isinstance(storage, str) or "://" in storage:
+        raise SpecError(
+            f"storage = {storage!r}: give a folder (on a multi-node cluster, a shared one "
+            f"such as an NFS/EFS mount, see cluster.yaml)"
+        )
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError("description must be text")
+    spec = SweepSpec(
+        name=name,
+        datasets=_datasets(data["datasets"], cwd),
+        backbones=backbones,
+        eval_backbones=eval_backbones,
+        config=config,
+        ablations=ablations,
+        ablation_backbones=ablation_backbones,
+        seeds=list(seeds),
+        baselines=list(baselines),
+        eval=_check_eval(data.get("eval")),
+        resources=_build(Resources, data.get("resources"), "resources").validate(),
+        storage=_abs(storage, cwd),
+        mlflow=_build(Tracking, data.get("mlflow"), "mlflow"),
+        description=description,
+        paper=data.get("paper"),
+        source=source,
+    )
+    _check_points(spec)
+    if check_paths:
+        check_datasets(spec)
+    return spec
+
+
+def _check_points(spec: SweepSpec) -> None:
+    """Every grid point must make a valid ``DistillConfig`` (choices and ranges are checked there)."""
+    seen: set[str] = set()
+    for point in spec.grid():
+        try:
+            point.resolved()
+        except (ConfigError, TypeError) as exc:
+            m = re.search(r"config field '(\w+)'", str(exc))
+            name = m.group(1) if m else None
+            where = f"ablations.{name}" if name in point.ablation else f"config.{name}" if name else "config"
+            raise SpecError(f"{where}: {exc}") from None
+        if point.key in seen:
+            raise SpecError(
+                f"two grid points share the name {point.key!r}; make the ablation values distinct"
+            )
+        seen.add(point.key)
+
+
+def check_datasets(spec: SweepSpec) -> None:
+    """Every dataset's shards exist and open (or can be built offline on demand)."""
+    from lgm_ray.shards.format import ShardError, is_local
+    from lgm_ray.shards.locate import is_pattern
+    from lgm_ray.shards.reader import ShardSet
+
+    for ds in spec.datasets:
+        # A folder must hold a manifest (or be built); patterns and manifest files are opened as they are.
+        plain_folder = is_local(ds.shards) and not is_pattern(ds.shards) and not ds.shards.endswith(".json")
+        if (plain_folder and not (Path(ds.shards) / "manifest.json").is_file()
+                and not any(Path(ds.shards).glob("**/*.tar"))):
+            if ds.build:
+                continue  # built by the driver before the sweep starts
+            raise SpecError(
+                f"datasets.{ds.name}: no shard set at {ds.shards!r} (no manifest.json); build it, e.g. "
+                f"`python -m lgm_ray.shards build digits --out {ds.shards}`, or fix the path"
+            )
+        try:
+            ShardSet(ds.shards)
+        except (ShardError, OSError, ValueError) as exc:
+            raise SpecError(f"datasets.{ds.name}: {exc}") from None
+
+
+def load_spec(path: str | Path, *, cwd: str | Path | None = None, check_paths: bool = True) -> SweepSpec:
+    """Read and validate a spec file (see :func:`parse_spec`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(data or {}, source=str(path), cwd=cwd, check_paths=check_paths)
+
+
+# ---------------------------------------------------------------- resources
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in bundle.items())
+
+
+def check_resources(resources: Resources, nodes: list[dict[str, float]], where: str = "the cluster") -> int:
+    """Fail if no placement of one trial exists; else return how many trials the nodes hold at once.
+
+    Args:
+        resources: the spec's request.
+        nodes: each node's total resources in Ray's names (``CPU``, ``GPU``, ``memory``), e.g. from
+            ``ray.nodes()`` plus the autoscaler's node types.
+        where: how to name ``nodes`` in the message.
+
+    Raises:
+        SpecError: a bundle no node can hold, or more than all nodes together hold.
+    """
+    bundles = resources.bundles()
+    for i, bundle in enumerate(bundles):
+        if not any(_fits(bundle, n) for n in nodes):
+            what = "the trial itself" if i == 0 else "one worker"
+            biggest = {k: max(n.get(k, 0.0) for n in nodes) for k in bundle}
+            raise SpecError(
+                f"resources: {what} asks for {bundle}, but no node of {where} has that much (largest: "
+                f"{biggest}); lower resources.cpus_per_worker / gpus_per_worker, or add such nodes"
+            )
+    left = [dict(n) for n in nodes]
+    trials = 0
+    while True:  # first-fit: how many whole trials fit side by side
+        trial_left = [dict(n) for n in left]
+        for bundle in bundles:
+            node = next((n for n in trial_left if _fits(bundle, n)), None)
+            if node is None:
+                if trials == 0:
+                    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+                    raise SpecError(
+                        f"resources: one trial needs {resources.workers} workers × "
+                        f"{{CPU: {resources.cpus_per_worker}, GPU: {resources.gpus_per_worker}}} plus "
+                        f"{bundles[0]} of its own, more than {where} holds ({total}); lower "
+                        f"resources.workers or the per-worker request"
+                    )
+                return trials
+            for k, v in bundle.items():
+                node[k] -= v
+        left = trial_left
+        trials += 1
+        if trials >= 4096:
+            return trials
