@@ -70,3 +70,21 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of this test module's own (4 logical CPUs), never one already running on the machine
+    (:func:`lgm_ray.common.ray_start.start_ray` with no address: ``ray.init(address="local")``).
+
+    Tests that need another shape (``ray.cluster_utils.Cluster``) shut it down first; the fixture then
+    leaves Ray down at the module's end."""
+    import ray
+
+    from lgm_ray.common.ray_start import start_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    started = start_ray(num_cpus=4, log_to_driver=False)
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()
