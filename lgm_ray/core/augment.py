@@ -2,7 +2,7 @@
 
 The paper applies, to real and synthetic views alike: horizontal flip (p 0.5), a random resized
 crop to ``crop_res`` (scale (0.08, 1), ratio (3/4, 4/3)) done as an affine grid sample, and
-Gaussian noise N(0.5, 0.2²) added with p 0.5 (DESIGN §1). ``"none"`` only resizes to ``crop_res``.
+Gaussian noise N(0.5, 0.2²) added with p 0.5 (docs/design.md §1). ``"none"`` only resizes to ``crop_res``.
 
 The parameters of every view are drawn up front (:func:`sample_params`) from a given generator and
 applied separately (:func:`apply`). That lets the two-pass step recompute a micro-batch's views
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lgm_ray.core.defaults import CROP_RES
+
 MODES = ("standard", "none")
 PADDINGS = ("reflection", "zeros")
 
@@ -38,7 +40,7 @@ class AugSpec:
     """What augmentation to apply. Defaults are the paper's."""
 
     mode: str = "standard"
-    crop_res: int = 224
+    crop_res: int = CROP_RES
     flip_p: float = 0.5
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)

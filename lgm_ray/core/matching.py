@@ -1,4 +1,4 @@
-"""The exact Linear Gradient Matching step, first order, as tensors in and tensors out (DESIGN §2).
+"""The exact Linear Gradient Matching step, first order, as tensors in and tensors out (docs/design.md §2).
 
 For a linear head ``s = W z + b`` and cross-entropy averaged over a global count ``M``, the head's
 gradient is a sum over samples::
@@ -302,7 +302,7 @@ def lgm_step(
     amp_dtype: torch.dtype | None = None,
     reduce: Reduce = _identity,
 ) -> StepResult:
-    """One Linear Gradient Matching step on this process's share of the work (DESIGN §2).
+    """One Linear Gradient Matching step on this process's share of the work (docs/design.md §2).
 
     Every process draws the same head ``(W, b)`` and the same augmentation parameters for all
     ``num_images · augs`` synthetic views and all ``real_total`` real samples, from a generator

@@ -1,6 +1,6 @@
 """The reference formulation of one LGM step: second order, the whole batch in one graph.
 
-This is how the paper's public implementation computes the step (DESIGN §1): ``G_syn`` is taken
+This is how the paper's public implementation computes the step (docs/design.md §1): ``G_syn`` is taken
 with ``create_graph=True`` and the meta loss is back-propagated through it, i.e. through the
 backbone twice. lgm_ray never trains with it; it is the oracle that :mod:`lgm_ray.core.matching` is
 tested against and the baseline that ``benchmarks/step.py`` times.

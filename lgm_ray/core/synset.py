@@ -1,7 +1,7 @@
 """The synthetic set: image parameterisations, colour decorrelation, rendering, save / load.
 
 Pure torch (no file formats beyond ``torch.save``-able dicts, no Ray, no MLflow). Follows the
-paper's parameterisation (DESIGN §1):
+paper's parameterisation (docs/design.md §1):
 
 * **pyramid** (default): levels 1×1, 2×2, 4×4 … up to ``res``; a run starts with the coarsest
   level(s) and adds the next finer level every ``pyramid_extent_it`` steps. Rendering sums the
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgm_ray.common.errors import InputError
+from lgm_ray.core.defaults import SYN_RES
 from lgm_ray.core.seeds import generator as seeded_generator
 
 # The fixed colour-correlation matrix of the paper (Lucid's ImageNet colour decorrelation),
@@ -40,6 +41,9 @@ _COLOR_CORRELATION = torch.tensor(
 COLOR_MATRIX = (_COLOR_CORRELATION / _COLOR_CORRELATION.norm(dim=0).max()).float()
 
 PARAMETERISATIONS = ("pyramid", "pixel")
+# How a run starts its set: the paper's noise, or real training images (:meth:`SyntheticSet.set_images`).
+INITS = ("noise", "real")
+LEVEL_INITS = ("noise", "zero")  # what SyntheticSet(init=…) fills a new level with
 REAL_INIT_EPS = 0.02  # a real-image start clips pixels to [eps, 1 − eps] (sigmoid pre-activation ±1.95)
 
 
@@ -60,6 +64,53 @@ def decorrelate_color(x: torch.Tensor) -> torch.Tensor:
     """Apply the fixed colour matrix to every pixel's colour vector: ``out_i = Σ_j M_ij x_j``."""
     m = COLOR_MATRIX.to(device=x.device, dtype=x.dtype)
     return torch.einsum("ij,njhw->nihw", m, x)
+
+
+def preactivation(images: torch.Tensor, channels: int, decorrelate: bool, eps: float = REAL_INIT_EPS) -> torch.Tensor:
+    """What :meth:`SyntheticSet.render` turns into ``images`` (N×3×H×W in [0, 1]): its inverse.
+
+    Pixels are clipped to [eps, 1 − eps] first, so none lands in the sigmoid's flat tail; grey sets
+    (``channels`` 1) take the channel mean; colour sets undo the colour decorrelation.
+    """
+    t = images.detach().float().clamp(eps, 1 - eps)
+    if channels == 1:
+        t = t.mean(dim=1, keepdim=True)
+    pre = 0.5 * torch.log(t / (1 - t))  # render() applies sigmoid(2·x)
+    if decorrelate:
+        pre = torch.einsum("ij,njhw->nihw", torch.linalg.inv(COLOR_MATRIX.double()).float(), pre)
+    return pre
+
+
+def _checked_classes(num_classes: int, ipc: int, param: str, channels: int, init: str,
+                     classes: Sequence[int] | None) -> list[int]:
+    """The constructor's input checks; the classes a set owns, sorted."""
+    if param not in PARAMETERISATIONS:
+        raise ValueError(f"unknown parameterisation {param!r}; choose one of {PARAMETERISATIONS}")
+    if ipc < 1:
+        raise ValueError(f"ipc (images per class) must be ≥ 1, got {ipc}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 3 (colour) or 1 (grey), got {channels}")
+    if init not in LEVEL_INITS:
+        raise ValueError(f"init must be {' or '.join(map(repr, LEVEL_INITS))}, got {init!r}")
+    classes = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
+    if any(c < 0 or c >= num_classes for c in classes):
+        raise ValueError(f"classes {classes} fall outside 0…{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes {classes} repeat a class; give each class once")
+    return classes
+
+
+def _levels_of(states: Mapping[int, Mapping[str, torch.Tensor]], classes: list[int]) -> int:
+    """The number of levels of per-class states (:meth:`SyntheticSet.class_state`): every class in
+    ``classes`` present, all with as many levels."""
+    missing = [c for c in classes if c not in states]
+    if missing:
+        raise ValueError(f"class state is missing classes {missing}; give the state of every class in {classes}")
+    counts = {len(states[c]) for c in classes}
+    if len(counts) != 1:
+        raise ValueError(f"class states hold different numbers of levels {sorted(counts)}; they must come "
+                         "from one checkpoint step")
+    return counts.pop()
 
 
 class SyntheticSet(nn.Module):
@@ -87,7 +138,7 @@ class SyntheticSet(nn.Module):
         self,
         num_classes: int,
         ipc: int = 1,
-        res: int = 256,
+        res: int = SYN_RES,
         *,
         param: str = "pyramid",
         decorrelate: bool = True,
@@ -98,19 +149,7 @@ class SyntheticSet(nn.Module):
         init: str = "noise",
     ) -> None:
         super().__init__()
-        if param not in PARAMETERISATIONS:
-            raise ValueError(f"unknown parameterisation {param!r}; choose one of {PARAMETERISATIONS}")
-        if ipc < 1:
-            raise ValueError(f"ipc (images per class) must be ≥ 1, got {ipc}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 3 (colour) or 1 (grey), got {channels}")
-        if init not in ("noise", "zero"):
-            raise ValueError(f"init must be 'noise' or 'zero', got {init!r}")
-        classes = list(range(num_classes)) if classes is None else sorted(int(c) for c in classes)
-        if any(c < 0 or c >= num_classes for c in classes):
-            raise ValueError(f"classes {classes} fall outside 0…{num_classes - 1}")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"classes {classes} repeat a class; give each class once")
+        classes = _checked_classes(num_classes, ipc, param, channels, init, classes)
         self.num_classes = num_classes
         self.ipc = ipc
         self.res = res
@@ -157,19 +196,12 @@ class SyntheticSet(nn.Module):
 
         Pixel: the one level holds the pre-activation. Pyramid: every level is present from the start
         (the coarse ones zero, the finest holding the pre-activation), so the set does not grow; the
-        coarse levels still move the image coarse-to-fine. Grey sets take the channel mean; colour
-        sets undo the colour decorrelation. Pixels are clipped to [eps, 1 − eps] first, so none
-        starts in the sigmoid's flat tail.
+        coarse levels still move the image coarse-to-fine. The pre-activation is :func:`preactivation`'s.
         """
         if tuple(images.shape) != (self.num_images, 3, self.res, self.res):
             raise ValueError(f"set_images needs {self.num_images}×3×{self.res}×{self.res} images, "
                              f"got {tuple(images.shape)}")
-        t = images.detach().float().clamp(eps, 1 - eps)
-        if self.channels == 1:
-            t = t.mean(dim=1, keepdim=True)
-        pre = 0.5 * torch.log(t / (1 - t))  # render() applies sigmoid(2·x)
-        if self.decorrelate:
-            pre = torch.einsum("ij,njhw->nihw", torch.linalg.inv(COLOR_MATRIX.double()).float(), pre)
+        pre = preactivation(images, self.channels, self.decorrelate, eps)
         self.grow_to(self.max_levels)
         for p in self.levels:
             p.zero_()
@@ -228,14 +260,7 @@ class SyntheticSet(nn.Module):
         the set first grows to that many (the caller must then re-create its optimiser, as after
         :meth:`grow`); with fewer, it refuses.
         """
-        missing = [c for c in self.classes if c not in states]
-        if missing:
-            raise ValueError(f"class state is missing classes {missing}; give the state of every class in {self.classes}")
-        counts = {len(states[c]) for c in self.classes}
-        if len(counts) != 1:
-            raise ValueError(f"class states hold different numbers of levels {sorted(counts)}; they must come "
-                             "from one checkpoint step")
-        n_levels = counts.pop()
+        n_levels = _levels_of(states, self.classes)
         if n_levels < len(self.levels):
             raise ValueError(f"class states hold {n_levels} levels but this set already has {len(self.levels)}; "
                              "load them into a freshly built set")
@@ -268,18 +293,9 @@ class SyntheticSet(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments needed to rebuild this set (for checkpoints)."""
-        return {
-            "num_classes": self.num_classes,
-            "ipc": self.ipc,
-            "res": self.res,
-            "param": self.param,
-            "decorrelate": self.decorrelate,
-            "channels": self.channels,
-            "classes": list(self.classes),
-            "init": self.init,
-            "seed": self.seed,
-            "n_levels": len(self.levels),
-        }
+        return {"num_classes": self.num_classes, "ipc": self.ipc, "res": self.res, "param": self.param,
+                "decorrelate": self.decorrelate, "channels": self.channels, "classes": list(self.classes),
+                "init": self.init, "seed": self.seed, "n_levels": len(self.levels)}
 
     @classmethod
     def from_state(cls, config: dict, state_dict: dict) -> SyntheticSet:

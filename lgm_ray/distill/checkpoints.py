@@ -12,8 +12,9 @@ Because the state is per class, a checkpoint written by K processes resumes on a
 files cover every class exactly once; anything else is ignored, never half-loaded.
 
 The single process writes ``OUT/checkpoints/step_NNNNNNN/`` (a temporary folder renamed into place,
-so a kill never leaves half a checkpoint) and keeps the newest two. Ray workers hand the same files
-to ``ray.train.report``, which gathers every rank's files into one checkpoint folder (DESIGN §5).
+so a kill never leaves half a checkpoint) and keeps the newest two; the paths are
+:class:`~lgm_ray.distill.run_folder.RunFolder`'s. Ray workers hand the same files
+to ``ray.train.report``, which gathers every rank's files into one checkpoint folder (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lgm_ray.core.seeds import derive_seed
 from lgm_ray.core.synset import SyntheticSet
 from lgm_ray.distill.config import ConfigError
+
+if TYPE_CHECKING:  # a type only: run_folder imports this module
+    from lgm_ray.distill.run_folder import RunFolder
 
 META = "meta.json"
 KEEP = 2
@@ -150,12 +155,11 @@ def check_resumable(ckpt: Checkpoint, config: dict[str, Any]) -> None:
                           "resume with the same settings, or use another --out")
 
 
-def save_local(out: Path, rank_files: list[tuple[int, SyntheticSet, torch.optim.Optimizer]],
+def save_local(folder: RunFolder, rank_files: list[tuple[int, SyntheticSet, torch.optim.Optimizer]],
                meta: dict[str, Any]) -> Path:
-    """Write a complete checkpoint under ``out/checkpoints`` atomically; keep the newest :data:`KEEP`."""
-    root = out / "checkpoints"
-    final = root / f"step_{meta['step']:07d}"
-    tmp = root / f".tmp-{os.getpid()}-{meta['step']}"
+    """Write a complete checkpoint into ``folder``'s ``checkpoints/`` atomically; keep the newest :data:`KEEP`."""
+    final = folder.checkpoint_at(meta["step"])
+    tmp = folder.partial_checkpoint(meta["step"], os.getpid())
     if tmp.exists():
         shutil.rmtree(tmp)
     for rank, synset, optimizer in rank_files:
@@ -163,8 +167,7 @@ def save_local(out: Path, rank_files: list[tuple[int, SyntheticSet, torch.optim.
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    done = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    for old in done[:-KEEP]:
+    for old in folder.checkpoint_paths()[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -180,8 +183,6 @@ def assemble(ckpt: Checkpoint, device: str | torch.device = "cpu") -> SyntheticS
 def build_synset(cfg: dict[str, Any], num_classes: int, classes: list[int] | None, n_levels: int = 1
                  ) -> SyntheticSet:
     """The (shard of the) synthetic set of a run config, grown to ``n_levels`` pyramid levels."""
-    from lgm_ray.core.seeds import derive_seed
-
     synset = SyntheticSet(
         num_classes, cfg["ipc"], cfg["syn_res"], param=cfg["param"], decorrelate=cfg["color"],
         channels=1 if cfg["grey"] else 3, classes=classes, seed=derive_seed(cfg["seed"], "synset"),

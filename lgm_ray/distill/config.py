@@ -7,7 +7,6 @@ config); command-line flags override the file. The resolved config is written ne
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,11 +14,29 @@ from typing import Any
 
 import yaml
 
+from lgm_ray.backbones.frozen import NORMALIZATIONS
+from lgm_ray.common.atomic import write_text
 from lgm_ray.common.errors import InputError
+from lgm_ray.common.suggest import did_you_mean
+from lgm_ray.core.augment import MODES as AUG_MODES
+from lgm_ray.core.augment import PADDINGS
+from lgm_ray.core.defaults import CROP_RES, REAL_RES, SYN_RES
+from lgm_ray.core.matching import AMP_DTYPES
+from lgm_ray.core.synset import INITS, PARAMETERISATIONS
 
-AMP_DTYPES = ("none", "bf16", "fp16")
 PRESETS = ("lgm", "reference")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+# The fields that take one of a few names, each list declared once where it is used.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": PRESETS, "normalization": NORMALIZATIONS, "param": PARAMETERISATIONS, "init": INITS,
+    "aug": AUG_MODES, "aug_padding": PADDINGS, "amp": tuple(AMP_DTYPES), "placement": PLACEMENTS,
+}
+# What a choice means, where the name alone does not say it.
+CHOICE_NOTES = {"init": " ('noise': the paper; 'real': random real training images)"}
+POSITIVE = ("steps", "ipc", "augs_per_batch", "syn_res", "real_res", "crop_res", "pyramid_extent", "ckpt_every",
+            "log_every", "real_streams")
+NON_NEGATIVE = ("pyramid_offset", "grid_every", "num_workers", "max_skipped_steps", "workers", "max_failures")
 
 # ``preset: reference`` reproduces the public reference implementation where lgm_ray chose otherwise
 # (README, "Paper-exact settings"). A field given explicitly still wins over the preset.
@@ -39,7 +56,11 @@ class ConfigError(InputError):
 
 @dataclass
 class DistillConfig:
-    """One distillation run. Defaults are the paper's (DESIGN §1) unless noted."""
+    """One distillation run. Defaults are the paper's (docs/design.md §1) unless noted.
+
+    The fields with their one-line docs are the run's whole vocabulary (every field is a flag of
+    ``python -m lgm_ray.distill`` and a key of its YAML); the methods read and check them.
+    """
 
     preset: str = "lgm"  # "reference": every reference-implementation setting at once (REFERENCE_PRESET)
     backbone: str = "digits_simclr_cnn"
@@ -61,9 +82,9 @@ class DistillConfig:
     aug_real: bool = True  # augment the real views too (the paper); false: real views only resized (no crop, flip, noise)
     aug_zoom_out: bool = False  # let the crop exceed the image (the reference's unclamped crop)
     aug_padding: str = "reflection"  # or "zeros" (the reference) outside the image
-    syn_res: int = 256
-    real_res: int = 256
-    crop_res: int = 224
+    syn_res: int = SYN_RES
+    real_res: int = REAL_RES
+    crop_res: int = CROP_RES
     pyramid_extent: int = 200
     pyramid_offset: int = 0  # grow before 0-based steps offset + k·extent (k ≥ 1); the reference: 1
     head_std: float = 0.01
@@ -82,16 +103,22 @@ class DistillConfig:
     placement: str = "PACK"  # Ray placement strategy of the workers (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD)
     max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
     storage_path: str | None = None  # the workers' checkpoints (default OUT/ray); shared or cloud on a cluster
-    step_delay: float = 0.0  # seconds to sleep per step: lets tests kill a run mid-way
 
     def validate(self) -> DistillConfig:
+        """Check every field's range and choice; returns ``self``, or raises a :class:`ConfigError`."""
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"config field {field!r} = {getattr(self, field)!r}: {why}")
 
-        for name in ("steps", "ipc", "augs_per_batch", "syn_res", "real_res", "crop_res", "pyramid_extent",
-                     "ckpt_every", "log_every", "real_streams"):
+        for name in POSITIVE:
             if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
+        for name in NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise bad(name, "must be ≥ 0")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise bad(name, f"choose {_one_of(choices)}{CHOICE_NOTES.get(name, '')}"
+                                f"{did_you_mean(getattr(self, name), choices)}")
         if self.lr <= 0:
             raise bad("lr", "must be > 0 (the paper uses 2e-3)")
         if not 0 <= self.aug_noise_p <= 1:
@@ -100,25 +127,6 @@ class DistillConfig:
             raise bad("aug_min_scale", "must be in (0, 1]")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise bad("micro_batch", "must be ≥ 1, or null for one pass")
-        if self.param not in ("pyramid", "pixel"):
-            raise bad("param", "choose 'pyramid' or 'pixel'")
-        if self.init not in ("noise", "real"):
-            raise bad("init", "choose 'noise' (the paper) or 'real' (random real training images)")
-        if self.aug not in ("standard", "none"):
-            raise bad("aug", "choose 'standard' or 'none'")
-        if self.amp not in AMP_DTYPES:
-            raise bad("amp", f"choose one of {AMP_DTYPES}")
-        for name in ("pyramid_offset", "grid_every", "num_workers", "max_skipped_steps", "workers", "max_failures"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must be ≥ 0")
-        if self.preset not in PRESETS:
-            raise bad("preset", f"choose one of {PRESETS}")
-        if self.placement not in PLACEMENTS:
-            raise bad("placement", f"choose one of {PLACEMENTS}")
-        if self.aug_padding not in ("reflection", "zeros"):
-            raise bad("aug_padding", "choose 'reflection' or 'zeros'")
-        if self.normalization not in ("native", "imagenet"):
-            raise bad("normalization", "choose 'native' or 'imagenet'")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise bad("device", "use 'cpu' or 'cuda' / 'cuda:N'")
         return self
@@ -167,12 +175,9 @@ class DistillConfig:
     @classmethod
     def check_keys(cls, data: dict[str, Any], source: str = "config") -> None:
         """Raise a ConfigError naming each unknown key and the nearest valid one."""
-        unknown = sorted(set(data) - set(cls.field_names()))
+        unknown = sorted(set(data) - set(cls.field_names()), key=str)
         if unknown:
-            hints = []
-            for key in unknown:
-                near = difflib.get_close_matches(str(key), cls.field_names(), n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            hints = [f"{key!r}{did_you_mean(key, cls.field_names())}" for key in unknown]
             raise ConfigError(
                 f"{source}: unknown field(s) {', '.join(hints)}; valid fields are: {', '.join(cls.field_names())}"
             )
@@ -186,7 +191,14 @@ class DistillConfig:
         return cls(**data).validate()
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``'a' or 'b'``, or ``one of 'a', 'b', 'c'``."""
+    names = [repr(c) for c in choices]
+    return " or ".join(names) if len(names) == 2 else f"one of {', '.join(names)}"
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML config file (of :class:`DistillConfig` fields), or a :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -197,4 +209,5 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def write_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    """Write ``data`` as YAML (in its own order), whole or not at all."""
+    write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -125,7 +125,7 @@ def run_distill(
         return finish(cfg, final, figures)
 
     def save(synset, optimizer, meta):
-        save_local(out, [(0, synset, optimizer)], meta)
+        save_local(folder, [(0, synset, optimizer)], meta)
 
     try:
         result = run_loop(cfg, save_checkpoint=save, resume=ckpt, on_progress=on_progress, log=log,

@@ -7,7 +7,8 @@
 * ``config.yaml`` — the resolved config (``config.resumed_at_N.yaml`` beside it for a resume with
   other non-image settings);
 * ``checkpoints/step_NNNNNNN/`` — the single process's per-class checkpoints; ``ray/`` — the Ray Train
-  workers' (``ray/attempt-N/step_NNNNNNN``);
+  workers' (``ray/attempt-N/step_NNNNNNN``, and ``ray/attempt-N/figures_NNNNNNN`` with each worker's
+  figures); what a checkpoint folder holds is :mod:`lgm_ray.distill.checkpoints`' business;
 * ``result.json`` / ``error.txt`` — written by a sweep trial that owns the folder.
 
 Writers (the loop, the workers, the sweep trial), readers (``--resume``, the report, evaluation) and
@@ -36,6 +37,7 @@ class RunFolder:
     RAY = "ray"
     RESULT = "result.json"
     ERROR = "error.txt"
+    ATTEMPT = "attempt-{n}"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -73,10 +75,43 @@ class RunFolder:
         """The single process's checkpoints."""
         return self.root / self.CHECKPOINTS
 
+    @staticmethod
+    def checkpoint_name(step: int) -> str:
+        """The name of the checkpoint folder of ``step``, under ``checkpoints/`` and in a Ray attempt."""
+        return f"step_{step:07d}"
+
+    def checkpoint_at(self, step: int) -> Path:
+        """The single process's checkpoint of ``step`` (complete once it is there: it is renamed into place)."""
+        return self.checkpoints / self.checkpoint_name(step)
+
+    def partial_checkpoint(self, step: int, pid: int) -> Path:
+        """Where process ``pid`` writes the checkpoint of ``step`` before renaming it to :meth:`checkpoint_at`."""
+        return self.checkpoints / f".tmp-{pid}-{step}"
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The single process's complete checkpoint folders, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.name.startswith("step_"))
+
+    @staticmethod
+    def figures_name(step: int) -> str:
+        """The name of the Ray checkpoint that carries the workers' figures of a run ended at ``step``."""
+        return f"figures_{step:07d}"
+
     @property
     def ray(self) -> Path:
         """The Ray Train workers' storage (default ``storage_path``)."""
         return self.root / self.RAY
+
+    @classmethod
+    def next_attempt(cls, storage: Path) -> str:
+        """The first ``attempt-N`` not yet under the workers' ``storage`` (:attr:`ray` by default): the
+        name of the Ray Train run that a start (or a ``--resume``) of the workers makes."""
+        n = 0
+        while (storage / cls.ATTEMPT.format(n=n)).exists():
+            n += 1
+        return cls.ATTEMPT.format(n=n)
 
     def checkpoint_roots(self) -> list[Path]:
         """Every folder a checkpoint of this run may be under: the single process's and the workers'."""

@@ -1,4 +1,4 @@
-"""One distillation on K Ray Train workers (DESIGN §2): exact, elastic, surviving a lost worker.
+"""One distillation on K Ray Train workers (docs/design.md §2): exact, elastic, surviving a lost worker.
 
 Each worker (a ``TorchTrainer`` worker: gloo on CPU, NCCL on GPU, one device each) holds a frozen
 backbone replica, reads its share of the real batch (the virtual streams dealt to it), owns a block
@@ -12,7 +12,13 @@ rank 0 ``meta.json`` into a folder that ``ray.train.report`` merges into one che
 a lost worker makes Train restart the group from the last recorded checkpoint; because every draw
 is a function of (seed, step) the restarted run ends with the same images. A re-run of the command
 (``--resume``) starts a new attempt from the newest complete checkpoint of any attempt, written by
-any number of workers (or by the single process).
+any number of workers (or by the single process). Ray is joined or started by
+:func:`lgm_ray.common.ray_start.start_ray`; the folder names are
+:class:`~lgm_ray.distill.run_folder.RunFolder`'s.
+
+The workers run with the driver's test hook :data:`lgm_ray.distill.loop.TEST_STEP_DELAY` when it is
+set: a Ray started earlier in the process does not see a variable set later, so it travels with the
+workers' config.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lgm_ray.common.errors import RunFailedError
+from lgm_ray.common.ray_start import start_ray
 from lgm_ray.distill.checkpoints import (
     Checkpoint,
     class_file,
@@ -31,26 +38,51 @@ from lgm_ray.distill.checkpoints import (
     write_rank_files,
 )
 from lgm_ray.distill.config import ConfigError, DistillConfig
-from lgm_ray.distill.loop import class_shards
+from lgm_ray.distill.loop import TEST_STEP_DELAY, class_shards
 from lgm_ray.distill.run_folder import RunFolder
 
 RANK_FIGURES = "figures-rank{rank}.json"
 
 
-def _worker(config: dict[str, Any]) -> None:
-    """The body of every Ray Train worker."""
+def _resume_point(resume_path: str | None) -> Checkpoint | None:
+    """Where a worker starts: Train's checkpoint after a restart of the group, else the run's ``--resume``
+    checkpoint, else None (step 0)."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            return read_checkpoint(folder)
+    return read_checkpoint(resume_path) if resume_path else None
+
+
+def _report_figures(figures: dict[str, Any], rank: int, steps: int) -> None:
+    """Hand a worker's figures to Train in one last report's checkpoint (names of their own per rank)."""
     import json
-    import sys
 
     import ray
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = {**figures, "host": socket.gethostname(), "pid": os.getpid(),
+                   "node_id": ray.get_runtime_context().get_node_id()}
+        (Path(tmp) / RANK_FIGURES.format(rank=rank)).write_text(json.dumps(figures))
+        ray.train.report({"step": steps, "figures": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=RunFolder.figures_name(steps))
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """The body of every Ray Train worker."""
+    import sys
+
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
 
     from lgm_ray.distill.loop import run_loop
-    from lgm_ray.distill.run_folder import RunFolder
 
+    os.environ.update(config["test_env"])
     cfg = DistillConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -60,13 +92,7 @@ def _worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         cfg.device = "cpu"
-    resume = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            resume = read_checkpoint(folder)
-    elif config["resume_path"]:
-        resume = read_checkpoint(config["resume_path"])
+    resume = _resume_point(config["resume_path"])
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -77,7 +103,7 @@ def _worker(config: dict[str, Any]) -> None:
             write_rank_files(Path(tmp), rank, synset, optimizer, meta if rank == 0 else None)
             metrics = {"step": meta["step"], "loss": meta["losses"][-1] if meta["losses"] else None}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{meta['step']:07d}")
+                             checkpoint_dir_name=RunFolder.checkpoint_name(meta["step"]))
 
     out = cfg.out
     result = run_loop(
@@ -85,20 +111,7 @@ def _worker(config: dict[str, Any]) -> None:
         on_progress=config["on_progress"], log=sys.stderr,
         save_grid=lambda images, step: RunFolder(out).save_grid(images, cfg.ipc, step),
     )
-    # Per-worker figures travel in one last report's checkpoint (names of their own per rank).
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = {**result.figures(), "host": socket.gethostname(), "pid": os.getpid(),
-                   "node_id": ray.get_runtime_context().get_node_id()}
-        (Path(tmp) / RANK_FIGURES.format(rank=rank)).write_text(json.dumps(figures))
-        ray.train.report({"step": result.steps, "figures": True}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"figures_{result.steps:07d}")
-
-
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    _report_figures(result.figures(), rank, result.steps)
 
 
 def check_cluster(num_workers: int, use_gpu: bool, storage: str) -> None:
@@ -118,29 +131,8 @@ def check_cluster(num_workers: int, use_gpu: bool, storage: str) -> None:
                           "path: give --storage-path a shared folder (NFS) or cloud storage (s3://…, gs://…)")
 
 
-def _attempt_name(storage: Path) -> str:
-    n = 0
-    while (storage / f"attempt-{n}").exists():
-        n += 1
-    return f"attempt-{n}"
-
-
-def run_on_workers(cfg: DistillConfig, *, resume: Checkpoint | None = None, use_gpu: bool = False,
-                   on_progress=None) -> tuple[Checkpoint, list[dict[str, Any]]]:
-    """Run ``cfg`` on ``cfg.workers`` Ray Train workers; return the final checkpoint and each rank's figures
-    (:meth:`LoopResult.figures` plus host, pid and Ray node id).
-
-    Raises:
-        ConfigError: more workers than classes or than the cluster holds, a local storage path on a
-            multi-machine cluster.
-        RunFailedError: the workers failed more than ``cfg.max_failures`` times (the message names the
-            checkpoint kept; the same command with ``--resume`` continues from it).
-    """
-    import json
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+def _check_request(cfg: DistillConfig) -> None:
+    """What fails before Ray starts: more workers than classes, or than virtual real streams."""
     from lgm_ray.distill.real_batches import open_source
 
     num_classes = open_source(cfg.shards, cfg.real_res).num_classes
@@ -148,15 +140,19 @@ def run_on_workers(cfg: DistillConfig, *, resume: Checkpoint | None = None, use_
     if cfg.workers > cfg.real_streams:
         raise ConfigError(f"{cfg.workers} workers but real_streams = {cfg.real_streams}: the real batch is dealt "
                           f"in {cfg.real_streams} virtual streams; use --real-streams ≥ {cfg.workers}")
-    _init_ray()
-    storage = cfg.storage_path or str(RunFolder(cfg.out).ray.resolve())
-    check_cluster(cfg.workers, use_gpu, storage)
-    _check_backbone(cfg)
-    name = _attempt_name(Path(storage)) if "://" not in storage else f"attempt-{os.getpid()}"
-    trainer = TorchTrainer(
+
+
+def _trainer(cfg: DistillConfig, storage: str, resume: Checkpoint | None, use_gpu: bool, on_progress):
+    """The ``TorchTrainer`` of one attempt: ``cfg.workers`` workers running :func:`_worker`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name = RunFolder.next_attempt(Path(storage)) if "://" not in storage else f"attempt-{os.getpid()}"
+    test_env = {TEST_STEP_DELAY: os.environ[TEST_STEP_DELAY]} if os.environ.get(TEST_STEP_DELAY) else {}
+    return TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "use_gpu": use_gpu, "on_progress": on_progress,
-                           "resume_path": str(resume.path) if resume is not None else None},
+                           "resume_path": str(resume.path) if resume is not None else None, "test_env": test_env},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                placement_strategy=cfg.placement),
         run_config=ray.train.RunConfig(
@@ -165,14 +161,12 @@ def run_on_workers(cfg: DistillConfig, *, resume: Checkpoint | None = None, use_
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         ),
     )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        kept = RunFolder(cfg.out).latest_checkpoint()
-        where = f"{kept.path} (step {kept.step})" if kept else "none (no checkpoint was reached)"
-        raise RunFailedError(f"the workers failed more than max_failures = {cfg.max_failures} time(s) "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). "
-                             f"Checkpoint kept: {where}; run the same command with --resume to continue") from e
+
+
+def _outcome(result, cfg: DistillConfig, storage: str) -> tuple[Checkpoint, list[dict[str, Any]]]:
+    """The final checkpoint (every class at ``cfg.steps``) and each rank's figures of a finished fit."""
+    import json
+
     final = None
     for checkpoint, metrics in result.best_checkpoints:
         if metrics.get("step") == cfg.steps and not metrics.get("figures"):
@@ -186,6 +180,44 @@ def run_on_workers(cfg: DistillConfig, *, resume: Checkpoint | None = None, use_
     with result.checkpoint.as_directory() as folder:
         figures = [json.loads((Path(folder) / RANK_FIGURES.format(rank=r)).read_text()) for r in range(cfg.workers)]
     return final, figures
+
+
+def run_on_workers(cfg: DistillConfig, *, resume: Checkpoint | None = None, use_gpu: bool = False,
+                   on_progress=None) -> tuple[Checkpoint, list[dict[str, Any]]]:
+    """Run ``cfg`` on ``cfg.workers`` Ray Train workers; return the final checkpoint and each rank's figures
+    (:meth:`LoopResult.figures` plus host, pid and Ray node id).
+
+    Joins ``RAY_ADDRESS`` or starts a local Ray (:func:`~lgm_ray.common.ray_start.start_ray`) unless Ray
+    is up in this process already; a Ray it started it shuts down at the end.
+
+    Raises:
+        ConfigError: more workers than classes or than the cluster holds, a local storage path on a
+            multi-machine cluster.
+        RunFailedError: the workers failed more than ``cfg.max_failures`` times (the message names the
+            checkpoint kept; the same command with ``--resume`` continues from it).
+    """
+    import ray
+    import ray.train
+
+    _check_request(cfg)
+    started = start_ray(log_to_driver=True)
+    try:
+        storage = cfg.storage_path or str(RunFolder(cfg.out).ray.resolve())
+        check_cluster(cfg.workers, use_gpu, storage)
+        _check_backbone(cfg)
+        try:
+            result = _trainer(cfg, storage, resume, use_gpu, on_progress).fit()
+        except ray.train.TrainingFailedError as e:
+            kept = RunFolder(cfg.out).latest_checkpoint()
+            where = f"{kept.path} (step {kept.step})" if kept else "none (no checkpoint was reached)"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RunFailedError(f"the workers failed more than max_failures = {cfg.max_failures} time(s) "
+                                 f"({type(e).__name__}: {first}). "
+                                 f"Checkpoint kept: {where}; run the same command with --resume to continue") from e
+        return _outcome(result, cfg, storage)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _check_backbone(cfg: DistillConfig) -> None:

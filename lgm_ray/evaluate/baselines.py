@@ -1,6 +1,6 @@
 """The paper's real-image baselines: which real training images stand in for a distilled set.
 
-(Cazenavette et al., NeurIPS 2025; DESIGN §1.)
+(Cazenavette et al., NeurIPS 2025; docs/design.md §1.)
 
 * ``random``: one random real training image per class; selection seed ``k`` for probe seed
   ``3407 + k`` (seeds 0–4), so the reported mean ± std covers both the draw and the probe.
@@ -17,20 +17,20 @@ themselves are returned as the probe trains on real images: resize to ``real_res
 ``real_res`` (the reference random-crops ``real_res`` before its augmentation; a centre crop keeps
 the selection deterministic). Ties go to the lowest index (the split's stored order).
 
-The module also loads a saved distilled set and checks its classes against the shards
-(:func:`load_synset`, :func:`check_synset_classes`; the policy is in :mod:`lgm_ray.evaluate.protocol`).
+The module also checks a distilled set's classes against the shards (:func:`check_synset_classes`; the
+policy is in :mod:`lgm_ray.evaluate.protocol`); a saved set is loaded by the one loader,
+:func:`lgm_ray.core.synset.load_synset_file`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lgm_ray.core.synset import load_synset_file, validate_synset
+from lgm_ray.core.defaults import REAL_RES
 from lgm_ray.evaluate.feature_cache import EvaluationInputError
 
 BASELINES = ("random", "centroids", "neighbors", "full")
@@ -144,7 +144,8 @@ def fetch_train_images(shards, keys: Sequence[str], *, resize: int, crop: int,
     return torch.stack([found[str(k)] for k in keys]).float()
 
 
-def select_random(shards, seed: int, *, ipc: int = 1, real_res: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def select_random(shards, seed: int, *, ipc: int = 1,
+                  real_res: int = REAL_RES) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` random real training images per class, drawn with selection seed ``seed``."""
     images, labels = shards.random_per_class(seed, n=ipc, split="train", resize=real_res, crop=real_res)
     return images.float(), labels.long()
@@ -158,17 +159,7 @@ def select_by_indices(shards, train_keys: Sequence[str], train_labels: torch.Ten
     return images, train_labels[indices].long()
 
 
-# ---------------------------------------------------------------- the distilled set and its checks
-
-
-def load_synset(path: str | Path) -> dict:
-    """:func:`lgm_ray.core.synset.load_synset_file` (the one loader)."""
-    return load_synset_file(path)
-
-
-def checked_synset(payload: object, source: str = "synthetic set") -> dict:
-    """:func:`lgm_ray.core.synset.validate_synset`."""
-    return validate_synset(payload, source=source)
+# ---------------------------------------------------------------- the distilled set's classes
 
 
 def check_synset_classes(labels: torch.Tensor, shards, *, class_names: list[str] | None = None,

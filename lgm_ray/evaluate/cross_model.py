@@ -1,26 +1,21 @@
-"""One training set on several evaluation backbones, as Ray tasks or in turn; and the evaluation command.
+"""One training set on several evaluation backbones, as Ray tasks or in turn.
 
 :func:`evaluate_cross_model` runs the one-backbone protocol (:func:`lgm_ray.evaluate.protocol.evaluate`) once
-per evaluation backbone: as parallel Ray tasks from a driver where Ray is up, one after the other in
-this process otherwise (inside a Ray Tune trial or a Ray Train worker, to stay within its
-resources), with the same numbers either way. Where an evaluation runs is a scheduling question, not
-part of what it measures, so it lives apart from the protocol: this module depends on
-:mod:`lgm_ray.evaluate.protocol`, never the reverse.
+per evaluation backbone, with one :class:`~lgm_ray.evaluate.config.EvalConfig` for all of them: as parallel
+Ray tasks from a driver where Ray is up, one after the other in this process otherwise (inside a Ray Tune
+trial or a Ray Train worker, to stay within its resources), with the same numbers either way. Where an
+evaluation runs is a scheduling question, not part of what it measures, so it lives apart from the
+protocol: this module depends on :mod:`lgm_ray.evaluate.protocol`, never the reverse.
 
-The command ``python -m lgm_ray.evaluate --synset SET.pt --backbone NAME[,NAME…] --shards
-shards/NAME`` is :func:`main` here (``lgm_ray/evaluate/protocol.py`` only hands its ``__main__`` over): it is
-the dispatch's front end. It checks the inputs, resolves every backbone's settings
-(:func:`lgm_ray.evaluate.protocol.resolve_settings`: a flag that overrides one of the set's own says so on
-stderr), runs the backbones as Ray tasks with ``--ray`` (``ray.init()``: a local Ray, or the cluster
-that ``RAY_ADDRESS`` names), sequentially otherwise, and prints one table row per backbone.
-Cross-model (``--backbone a,b,c``): every backbone gets the set's resolutions, and the set's
-normalisation applies only to the backbone it was distilled with; the others get their own
-(``native``) unless ``--normalization`` asks otherwise. A set without a config (the reference's
-format) and the baselines use the defaults (256 / 224 / native) unless flags say otherwise.
+Per backbone, only what differs between backbones may differ: the weights file, the normalisation and
+the raw output (a set's own apply to the backbone it was distilled with only; the others get their
+own, ``native``); the resolutions and every probe setting are the config's, the same for all. The
+command ``python -m lgm_ray.evaluate`` (:mod:`lgm_ray.evaluate.__main__`) is this function's front end,
+and :func:`format_table` its table.
 
-Bad input (an unknown backbone, a missing file or split, …) raises
-:class:`~lgm_ray.evaluate.feature_cache.EvaluationInputError`; the command prints it as one line and exits
-with status 2, also when a Ray task raised it. Any other exception is a bug and keeps its traceback.
+Bad input raises :class:`~lgm_ray.evaluate.feature_cache.EvaluationInputError` (or another
+:class:`~lgm_ray.common.errors.InputError`), also when a Ray task raised it: the task's error arrives as
+itself, not wrapped. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,20 +28,20 @@ from typing import Any
 
 import torch
 
+from lgm_ray.common.errors import InputError
+from lgm_ray.evaluate.config import EvalConfig
 from lgm_ray.evaluate.feature_cache import EvaluationInputError, check_backbone
-from lgm_ray.evaluate.protocol import (
-    evaluate,
-)
+from lgm_ray.evaluate.protocol import evaluate
 
 __all__ = ["evaluate_cross_model", "format_table"]
 
 # ---------------------------------------------------------------- cross-model, Ray or not
 
 
-def _evaluate_task(backbone_name: str, shards_root: str, images: torch.Tensor | None,
-                   labels: torch.Tensor | None, kwargs: dict) -> dict:
+def _evaluate_task(backbone_name: str, shards_root: str, cfg: EvalConfig, images: torch.Tensor | None,
+                   labels: torch.Tensor | None, inputs: dict) -> dict:
     """One backbone's evaluation: the body of a Ray task, or one turn of the sequential loop."""
-    return evaluate(backbone_name, shards_root, images=images, labels=labels, **kwargs)
+    return evaluate(backbone_name, shards_root, cfg, images=images, labels=labels, **inputs)
 
 
 def _per_backbone(value: Any, backbones: Sequence[str], what: str, default: Any = None) -> list[Any]:
@@ -101,18 +96,35 @@ def _task_options(ray: ModuleType, num_gpus: float) -> dict:
     return opts
 
 
+def _run_as_ray_tasks(jobs: list[tuple[str, str, EvalConfig, dict]], images: torch.Tensor | None,
+                      labels: torch.Tensor | None, gpus_per_task: float) -> list[dict]:
+    """Every job as one Ray task; an input error raised in a task is raised here as itself (unwrapped)."""
+    import ray
+
+    task = ray.remote(_evaluate_task).options(**_task_options(ray, gpus_per_task))
+    images_ref, labels_ref = ray.put(images), ray.put(labels)
+    try:
+        return ray.get([task.remote(name, root, cfg, images_ref, labels_ref, inputs)
+                        for name, root, cfg, inputs in jobs])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, InputError):
+            raise exc.cause from None
+        raise
+
+
 def evaluate_cross_model(
     backbones: list[str],
     shards_root: str | Path,
+    cfg: EvalConfig | None = None,
     *,
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     weights: dict[str, str] | list[str | None] | None = None,
-    normalization: str | dict[str, str] | list[str] = "native",
-    raw_output: bool | list[bool] = False,
+    normalization: str | dict[str, str] | list[str] | None = None,
+    raw_output: bool | dict[str, bool] | list[bool] | None = None,
     parallel: bool | None = None,
     gpus_per_task: float | None = None,
-    **kwargs: Any,
+    **inputs: Any,
 ) -> list[dict]:
     """Evaluate one training set on several backbones; one :func:`evaluate` result per backbone, in order.
 
@@ -121,9 +133,9 @@ def evaluate_cross_model(
     * ``False``: one after the other, in this process. Use it inside a Ray Tune trial or a Ray Train
       worker to stay within the trial's resources.
     * ``True``: every backbone is one Ray task (1 CPU, and ``gpus_per_task`` GPUs, default 1 on
-      ``device="cuda"``). Ray must be initialised (``ray.init()``); this function never starts it.
-      Called from inside a placement group (a trial's), the tasks are scheduled in that group, and an
-      error says so when none of its bundles can hold one — they never escape it.
+      ``cfg.device="cuda"``). Ray must be initialised; this function never starts it. Called from
+      inside a placement group (a trial's), the tasks are scheduled in that group, and an error says
+      so when none of its bundles can hold one — they never escape it.
     * ``None`` (default): Ray tasks when Ray is initialised *and* this process is the driver; in a Ray
       actor or a placement-group task (a Tune trial, a Train worker) the same as ``False``.
 
@@ -133,41 +145,41 @@ def evaluate_cross_model(
     Args:
         backbones: evaluation backbones.
         shards_root, images, labels: as :func:`evaluate`.
+        cfg: the settings of every evaluation (default :class:`EvalConfig`'s); ``normalization`` and
+            ``raw_output`` below override its values per backbone.
         weights: local weights files: a dict backbone name → file, or a list aligned with
             ``backbones`` (so one architecture can appear twice with different weights).
-        normalization: one for all, a dict backbone name → normalisation (others ``native``), or a
-            list aligned with ``backbones``: a set's own goes to the backbone it was distilled with
-            only (:func:`~lgm_ray.evaluate.protocol.synset_settings`).
-        raw_output: one for all or a list aligned with ``backbones`` (a reference-preset set's
-            backbone: :func:`~lgm_ray.evaluate.protocol.synset_settings`).
+        normalization: per backbone, overriding ``cfg.normalization``: a dict backbone name →
+            normalisation (the others keep ``cfg``'s), or a list aligned with ``backbones``; ``None``:
+            ``cfg``'s for all. A set's own goes to the backbone it was distilled with only
+            (:func:`~lgm_ray.evaluate.protocol.synset_settings`).
+        raw_output: per backbone, overriding ``cfg.raw_output``, in the same forms (a reference-preset
+            set's backbone: :func:`~lgm_ray.evaluate.protocol.synset_settings`).
         parallel: see above.
         gpus_per_task: GPUs per Ray task.
-        **kwargs: the other options of :func:`evaluate` (``baseline``, ``split``, ``epochs``, ``seeds``,
-            ``real_res``, ``crop_res``, ``device``, ``cache_dir``, …).
+        **inputs: :func:`evaluate`'s other keyword inputs (``baseline``, ``class_names``,
+            ``num_classes``, ``cache_dir``, ``select_backbone``, ``select_weights``).
 
     Raises:
         EvaluationInputError: as :func:`evaluate`; also ``parallel=True`` without Ray, or inside a
             placement group that cannot hold a task.
     """
+    cfg = cfg or EvalConfig()
     for name in backbones:
         check_backbone(name)
     files = _per_backbone(weights, backbones, "weights")
-    norms = _per_backbone(normalization, backbones, "normalization", default="native")
-    raws = list(raw_output) if isinstance(raw_output, (list, tuple)) else [bool(raw_output)] * len(backbones)
-    jobs = [(name, str(shards_root), {**kwargs, "weights": w, "normalization": nm, "raw_output": raw})
+    norms = _per_backbone(normalization, backbones, "normalization", default=cfg.normalization)
+    raws = _per_backbone(raw_output, backbones, "raw_output", default=cfg.raw_output)
+    jobs = [(name, str(shards_root), cfg.replace(normalization=nm, raw_output=bool(raw)), {**inputs, "weights": w})
             for name, w, nm, raw in zip(backbones, files, norms, raws, strict=True)]
     if not _uses_ray(parallel):
-        return [_evaluate_task(name, root, images, labels, kw) for name, root, kw in jobs]
-    import ray
-
+        return [_evaluate_task(name, root, c, images, labels, kw) for name, root, c, kw in jobs]
     if gpus_per_task is None:
-        gpus_per_task = 1 if str(kwargs.get("device", "cpu")).startswith("cuda") else 0
-    task = ray.remote(_evaluate_task).options(**_task_options(ray, gpus_per_task))
-    images_ref, labels_ref = ray.put(images), ray.put(labels)
-    return ray.get([task.remote(name, root, images_ref, labels_ref, kw) for name, root, kw in jobs])
+        gpus_per_task = 1 if str(cfg.device).startswith("cuda") else 0
+    return _run_as_ray_tasks(jobs, images, labels, gpus_per_task)
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- the results as a table
 
 
 def format_table(results: list[dict]) -> str:
@@ -182,11 +194,3 @@ def format_table(results: list[dict]) -> str:
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
     line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))  # noqa: E731
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-
-
-
-
-
-

@@ -43,6 +43,8 @@ from torch import nn
 
 from lgm_ray.backbones import create_backbone, list_backbones
 from lgm_ray.common.errors import InputError
+from lgm_ray.common.suggest import did_you_mean
+from lgm_ray.core.defaults import CROP_RES, REAL_RES
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,10 @@ VERSIONED_PACKAGES = {"torch": "torch", "timm": "timm", "open_clip": "open_clip_
 class EvaluationInputError(InputError):
     """An evaluation input that cannot be used (unknown backbone, missing file, absent split, …).
 
-    The message names the problem and the fix. ``python -m lgm_ray.evaluate`` turns exactly these (and
-    the shards' and backbones' own input errors) into a one-line message and exit status 2; any other
-    exception is a bug and keeps its traceback.
+    The message names the problem and the fix. An :class:`~lgm_ray.common.errors.InputError`, as are the
+    shards', backbones' and synset files' own (``ShardError``, ``BackboneWeightsError``,
+    ``SynsetFileError``): ``python -m lgm_ray.evaluate`` turns each into one ``error: …`` line and exit
+    status 2 (:func:`lgm_ray.common.cli.run_command`); any other exception is a bug and keeps its traceback.
     """
 
 
@@ -285,9 +288,10 @@ def split_features(
 
 def check_backbone(name: str) -> None:
     """Raise an :class:`EvaluationInputError` listing the known backbones when ``name`` is not one."""
-    if name not in list_backbones():
-        raise EvaluationInputError(f"unknown backbone {name!r}; use one of the known backbones: "
-                                   f"{', '.join(list_backbones())}")
+    known = list_backbones()
+    if name not in known:
+        raise EvaluationInputError(f"unknown backbone {name!r}{did_you_mean(name, known)}; use one of the known "
+                                   f"backbones: {', '.join(known)}")
 
 
 def check_device(device: str | torch.device) -> None:
@@ -316,8 +320,8 @@ class FeatureSource:
     """
 
     def __init__(self, backbone_name: str, shards, *, weights: str | None = None,
-                 normalization: str = "native", device: str | torch.device = "cpu", real_res: int = 256,
-                 crop_res: int = 224, cache_dir: str | os.PathLike | None = None, raw_output: bool = False) -> None:
+                 normalization: str = "native", device: str | torch.device = "cpu", real_res: int = REAL_RES,
+                 crop_res: int = CROP_RES, cache_dir: str | os.PathLike | None = None, raw_output: bool = False) -> None:
         check_backbone(backbone_name)
         check_device(device)
         self.shards, self.device, self.real_res, self.crop_res = shards, device, real_res, crop_res

@@ -1,7 +1,7 @@
 """The linear probe of the evaluation protocol, in pure torch (no Ray, no file I/O).
 
 The paper and its reference implementation evaluate a training set (distilled or real) by training a
-fresh linear head on a frozen backbone's features and testing it on the held-out split (DESIGN §1):
+fresh linear head on a frozen backbone's features and testing it on the held-out split (docs/design.md §1):
 
 * head ``W`` (classes × features) ~ N(0, 0.01²), ``b`` = 0 (:func:`lgm_ray.core.matching.draw_head`);
 * Adam, lr ``1e-3 × batch / 256``, no weight decay, cosine schedule over every step
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgm_ray.core.augment import AugSpec, augment
+from lgm_ray.core.defaults import CROP_RES
 from lgm_ray.core.matching import draw_head
 
 BASE_LR = 1e-3
@@ -46,7 +47,7 @@ def probe_lr(batch: int, base_lr: float = BASE_LR) -> float:
     """The probe's peak learning rate, ``base_lr × batch / 256`` (the linear scaling rule).
 
     Deliberately a function of the batch only: the reference also divides by the number of GPUs,
-    which makes its results depend on the machine (DESIGN §1, faults).
+    which makes its results depend on the machine (docs/design.md §1, faults).
     """
     if batch < 1:
         raise ValueError(f"batch must be ≥ 1, got {batch}")
@@ -161,7 +162,7 @@ def train_probe_on_images(
     seed: int,
     epochs: int = DEFAULT_EPOCHS,
     batch: int | None = None,
-    crop_res: int = 224,
+    crop_res: int = CROP_RES,
     device: str | torch.device = "cpu",
     lr_log: list[float] | None = None,
 ) -> nn.Linear:
@@ -288,7 +289,7 @@ def train_probe_on_stream(
     seed: int,
     epochs: int,
     batch: int,
-    crop_res: int = 224,
+    crop_res: int = CROP_RES,
     block: int = 4096,
     device: str | torch.device = "cpu",
 ) -> nn.Linear:

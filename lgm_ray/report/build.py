@@ -21,16 +21,16 @@ embedded compressed thumbnail (WebP data URI) linking to the full-size file unde
 and logged to the sweep's MLflow parent run under ``report/`` (the page too); each trial's embedding
 map and periphery numbers also go to its child run.
 
-Sources: a sweep folder (``storage/NAME``, :mod:`lgm_ray.sweep.driver`'s layout: ``spec.yaml``,
-``sweep_state.json``, ``trials.json``, ``<trial>/run/{synset.pt, grid.png, grids/, config.yaml,
-result.json, error.txt}``, ``baselines/*.json``, ``feature_cache/``), or an MLflow experiment name (or
-id): its newest sweep parent run (or ``--parent-run``), whose child runs' artifacts are downloaded. A
-sweep still running gives a report of what has finished so far.
+Sources: a sweep folder (``storage/NAME``, :class:`lgm_ray.results.folder.SweepFolder`'s layout, each
+trial's run folder a :class:`lgm_ray.distill.run_folder.RunFolder`), or an MLflow experiment name (or id):
+its newest sweep parent run (or ``--parent-run``), whose child runs' artifacts are downloaded. A sweep still
+running gives a report of what has finished so far.
 
-This module holds the entry points (:func:`build_report`, the CLI) and the MLflow logging; the work is in
-:mod:`lgm_ray.report.load` (the sweep from either source, the results and paper-comparison frames),
-:mod:`lgm_ray.report.figures` (PNG figures and embedded thumbnails) and :mod:`lgm_ray.report.page`
-(the page and its builder).
+This module holds the entry point (:func:`build_report`; the command is :mod:`lgm_ray.report.__main__`) and
+the MLflow logging; the work is in :mod:`lgm_ray.report.load` (the sweep from either source),
+:mod:`lgm_ray.report.frames` (the results and paper-comparison frames), :mod:`lgm_ray.report.figures` (PNG
+figures and embedded thumbnails), :mod:`lgm_ray.report.sections` (one renderer per section of the page) and
+:mod:`lgm_ray.report.page` (the page around them).
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ import tempfile
 from pathlib import Path
 
 from lgm_ray.common.atomic import write_text
+from lgm_ray.evaluate.config import EVAL_SPLITS
+from lgm_ray.report.context import Figure, ReportContext
+from lgm_ray.report.embedding import PROJECTIONS
 from lgm_ray.report.load import ReportError, Sweep, load_mlflow, load_sweep_dir
-from lgm_ray.report.page import Builder, Figure
+from lgm_ray.report.page import render_page
 
 __all__ = ["build_report", "log_report", "page_size"]
 
@@ -106,6 +109,39 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("written by python -m lgm_ray.report; rebuilt in place\n")
 
 
+def _check_options(projection: str, split: str) -> None:
+    if projection not in PROJECTIONS:
+        raise ReportError(f"projection {projection!r}: choose one of {', '.join(PROJECTIONS)}")
+    if split not in EVAL_SPLITS:
+        raise ReportError(f"split {split!r}: choose one of {', '.join(EVAL_SPLITS)}")
+
+
+def _load(source: str | Path, tracking_uri: str | None, parent_run: str | None, work: str) -> Sweep:
+    """The sweep of a sweep folder, else of an MLflow experiment (its artifacts downloaded under ``work``)."""
+    if Path(source).is_dir():
+        sweep = load_sweep_dir(source)
+        if tracking_uri:
+            sweep.tracking_uri = tracking_uri
+        return sweep
+    from lgm_ray.results.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ReportError(f"{source!r} is not a sweep folder, and there is no MLflow store at {uri} to look "
+                          f"for an experiment of that name; give storage/NAME of a sweep, or "
+                          f"--tracking-uri of the store")
+    return load_mlflow(str(source), uri, work, parent_run)
+
+
+def _log(ctx: ReportContext) -> None:
+    """:func:`log_report`, a failure of which is a warning (the page is the product)."""
+    try:
+        if not log_report(ctx.sweep, ctx.out, ctx.figures, ctx.child_metrics, ctx.sweep.tracking_uri):
+            print("[lgm_ray.report] no MLflow parent run known: figures not logged", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the page is the product; MLflow trouble is a warning
+        print(f"[lgm_ray.report] warning: logging the report to MLflow failed: {exc!r}", file=sys.stderr)
+
+
 def build_report(source: str | Path, out: str | Path, tracking_uri: str | None = None, *,
                  parent_run: str | None = None, embeddings: bool = True, projection: str = "pca",
                  split: str = "test", device: str = "cpu", cache_dir: str | Path | None = None,
@@ -135,41 +171,19 @@ def build_report(source: str | Path, out: str | Path, tracking_uri: str | None =
     Raises:
         ReportError: the source is neither, or ``out`` holds other files.
     """
-    from lgm_ray.report.embedding import PROJECTIONS
-
-    if projection not in PROJECTIONS:
-        raise ReportError(f"projection {projection!r}: choose one of {', '.join(PROJECTIONS)}")
-    if split not in ("test", "val"):
-        raise ReportError(f"split {split!r}: choose test or val")
+    _check_options(projection, split)
     out = Path(out)
     _prepare_out(out)
     with tempfile.TemporaryDirectory(prefix="lgm_ray_report_") as tmp:
-        if Path(source).is_dir():
-            sweep = load_sweep_dir(source)
-            if tracking_uri:
-                sweep.tracking_uri = tracking_uri
-        else:
-            from lgm_ray.results.tracking import resolve_tracking_uri
-
-            uri = resolve_tracking_uri(tracking_uri)
-            if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-                raise ReportError(f"{source!r} is not a sweep folder, and there is no MLflow store at {uri} to look "
-                                  f"for an experiment of that name; give storage/NAME of a sweep, or "
-                                  f"--tracking-uri of the store")
-            sweep = load_mlflow(str(source), uri, tmp, parent_run)
-        builder = Builder(sweep, out, embeddings=embeddings, projection=projection, split=split, device=device,
-                           cache_dir=Path(cache_dir) if cache_dir else None, thumb_px=thumb_px,
-                           max_classes=max_classes, max_steps=max_steps, evolution_classes=evolution_classes)
-        page = builder.page()
+        sweep = _load(source, tracking_uri, parent_run, tmp)
+        ctx = ReportContext(sweep, out, embeddings=embeddings, projection=projection, split=split, device=device,
+                            cache_dir=Path(cache_dir) if cache_dir else None, thumb_px=thumb_px,
+                            max_classes=max_classes, max_steps=max_steps, evolution_classes=evolution_classes)
+        page = render_page(ctx)
     index = out / "index.html"
     write_text(index, page)
     if log_mlflow:
-        try:
-            logged = log_report(sweep, out, builder.figures, builder.child_metrics, sweep.tracking_uri)
-            if not logged:
-                print("[lgm_ray.report] no MLflow parent run known: figures not logged", file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 - the page is the product; MLflow trouble is a warning
-            print(f"[lgm_ray.report] warning: logging the report to MLflow failed: {exc!r}", file=sys.stderr)
+        _log(ctx)
     return index
 
 

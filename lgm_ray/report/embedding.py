@@ -19,8 +19,8 @@ distilled images drawn as thumbnails.
 
 The math (:func:`class_means`, :func:`periphery`, :func:`summarize`, :func:`project_2d`,
 :func:`embed_set`) takes arrays and returns arrays or frames; reading the features of a saved set
-through its backbone and the sweep's feature cache is :mod:`lgm_ray.report.embedding_features`.
-``python -m lgm_ray.embedding --synset S --shards D --out map.png`` does both for one saved set.
+through its backbone and the sweep's feature cache is :mod:`lgm_ray.report.embedding_features`; the
+report's embedding section (:mod:`lgm_ray.report.sections.embedding_maps`) does both for every set of a sweep.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from lgm_ray.common.errors import InputError
 
 PROJECTIONS = ("pca", "tsne")
 PERIPHERY_PERCENTILE = 90.0  # "at the periphery": farther from the class mean than 90 % of its real images
+PERIPHERY_COLUMNS = ["image", "label", "class_name", "distance", "percentile", "class_radius", "distance_ratio",
+                     "nearest_other", "nearest_other_name", "nearest_other_distance", "margin"]
 
 
 class EmbeddingInputError(InputError):
@@ -77,6 +79,34 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _inputs(real_features: Any, real_labels: Any, syn_features: Any,
+            syn_labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Real and distilled features (float64) and labels (int64), checked to be comparable."""
+    real = _array(real_features, "real features", 2).astype(np.float64)
+    ry = _array(real_labels, "real labels", 1).astype(np.int64)
+    syn = _array(syn_features, "distilled features", 2).astype(np.float64)
+    sy = _array(syn_labels, "distilled labels", 1).astype(np.int64)
+    if real.shape[1] != syn.shape[1]:
+        raise EmbeddingInputError(f"real features are {real.shape[1]}-d but distilled ones {syn.shape[1]}-d: "
+                                  f"compute both with the same backbone")
+    if len(syn) != len(sy):
+        raise EmbeddingInputError(f"{len(syn)} distilled features but {len(sy)} labels")
+    return real, ry, syn, sy
+
+
+def _present_means(real: np.ndarray, ry: np.ndarray, sy: np.ndarray, num_classes: int) -> np.ndarray:
+    """The class means of the real features, checked to hold every distilled image's class and another one."""
+    means = class_means(real, ry, num_classes)
+    present = ~np.isnan(means).any(axis=1)
+    missing = sorted(set(sy.tolist()) - set(np.flatnonzero(present).tolist()))
+    if missing:
+        raise EmbeddingInputError(f"distilled images of classes {missing} have no real image of their class "
+                                  f"in the split: use a split that holds every class")
+    if present.sum() < 2:
+        raise EmbeddingInputError("the real split holds fewer than two classes: margins need another class")
+    return means
+
+
 def periphery(real_features: Any, real_labels: Any, syn_features: Any, syn_labels: Any,
               num_classes: int | None = None, class_names: Sequence[str] | None = None):
     """The periphery numbers of every distilled image (see the module docstring).
@@ -100,25 +130,11 @@ def periphery(real_features: Any, real_labels: Any, syn_features: Any, syn_label
     """
     import pandas as pd
 
-    real = _array(real_features, "real features", 2).astype(np.float64)
-    ry = _array(real_labels, "real labels", 1).astype(np.int64)
-    syn = _array(syn_features, "distilled features", 2).astype(np.float64)
-    sy = _array(syn_labels, "distilled labels", 1).astype(np.int64)
-    if real.shape[1] != syn.shape[1]:
-        raise EmbeddingInputError(f"real features are {real.shape[1]}-d but distilled ones {syn.shape[1]}-d: "
-                                  f"compute both with the same backbone")
-    if len(syn) != len(sy):
-        raise EmbeddingInputError(f"{len(syn)} distilled features but {len(sy)} labels")
+    real, ry, syn, sy = _inputs(real_features, real_labels, syn_features, syn_labels)
     if num_classes is None:
         num_classes = int(max(ry.max(initial=-1), sy.max(initial=-1))) + 1
-    means = class_means(real, ry, num_classes)
+    means = _present_means(real, ry, sy, num_classes)
     present = ~np.isnan(means).any(axis=1)
-    missing = sorted(set(sy.tolist()) - set(np.flatnonzero(present).tolist()))
-    if missing:
-        raise EmbeddingInputError(f"distilled images of classes {missing} have no real image of their class "
-                                  f"in the split: use a split that holds every class")
-    if present.sum() < 2:
-        raise EmbeddingInputError("the real split holds fewer than two classes: margins need another class")
     real_dist = np.linalg.norm(real - means[ry], axis=1)
     own_dist = np.linalg.norm(syn - means[sy], axis=1)  # the same formula as real_dist: ties compare equal
     to_means = _distances(syn, np.where(present[:, None], means, 0.0))
@@ -139,9 +155,7 @@ def periphery(real_features: Any, real_labels: Any, syn_features: Any, syn_label
             "nearest_other": j, "nearest_other_name": names[j] if names else str(j),
             "nearest_other_distance": float(others[j]), "margin": float(others[j] - own),
         })
-    return pd.DataFrame(rows, columns=["image", "label", "class_name", "distance", "percentile", "class_radius",
-                                       "distance_ratio", "nearest_other", "nearest_other_name",
-                                       "nearest_other_distance", "margin"])
+    return pd.DataFrame(rows, columns=PERIPHERY_COLUMNS)
 
 
 def summarize(table) -> dict[str, float]:
@@ -248,10 +262,7 @@ def embed_set(real_features: Any, real_labels: Any, syn_features: Any, syn_label
 
     if method not in PROJECTIONS:
         raise EmbeddingInputError(f"unknown projection {method!r}; choose one of {', '.join(PROJECTIONS)}")
-    real = _array(real_features, "real features", 2).astype(np.float64)
-    ry = _array(real_labels, "real labels", 1).astype(np.int64)
-    syn = _array(syn_features, "distilled features", 2).astype(np.float64)
-    sy = _array(syn_labels, "distilled labels", 1).astype(np.int64)
+    real, ry, syn, sy = _inputs(real_features, real_labels, syn_features, syn_labels)
     table = periphery(real, ry, syn, sy, num_classes=num_classes, class_names=class_names)
     if num_classes is None:
         num_classes = int(max(ry.max(initial=-1), sy.max(initial=-1))) + 1
@@ -284,6 +295,53 @@ def embed_set(real_features: Any, real_labels: Any, syn_features: Any, syn_label
 # ---------------------------------------------------------------- the map
 
 
+def _draw_points(ax, pts, color: dict) -> None:
+    """Real points by class, a dotted line from each distilled image to its class mean, the means (named)."""
+    real = pts[pts["kind"] == "real"]
+    ax.scatter(real["x"], real["y"], s=8, c=[color[c] for c in real["label"]], alpha=0.5, linewidths=0)
+    means = pts[pts["kind"] == "mean"].set_index("label")
+    for _, p in pts[pts["kind"] == "distilled"].iterrows():
+        m = means.loc[p["label"]]
+        ax.plot([p["x"], m["x"]], [p["y"], m["y"]], ls=":", lw=0.8, color=color[p["label"]], zorder=2)
+    ax.scatter(means["x"], means["y"], marker="X", s=70, c=[color[c] for c in means.index], edgecolors="k",
+               linewidths=0.8, zorder=4)
+    if len(color) <= 30:
+        for _, m in means.iterrows():
+            ax.annotate(str(m["class_name"]), (m["x"], m["y"]), xytext=(4, 4), textcoords="offset points",
+                        fontsize=8, weight="bold", zorder=5)
+
+
+def _draw_thumbnails(ax, pts, imgs: np.ndarray, color: dict, thumb_px: int) -> None:
+    """Each distilled image at its projected feature, framed in its class's colour."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    for _, p in pts[pts["kind"] == "distilled"].iterrows():
+        img = np.clip(imgs[int(p["image"])].astype(np.float32), 0, 1).transpose(1, 2, 0)
+        zoom = thumb_px / max(img.shape[:2])
+        box = AnnotationBbox(OffsetImage(img, zoom=zoom, interpolation="nearest" if zoom >= 1 else "antialiased"),
+                             (p["x"], p["y"]), frameon=True, pad=0.15, zorder=6,
+                             bboxprops={"edgecolor": color[p["label"]], "linewidth": 1.5})
+        ax.add_artist(box)
+
+
+def _label_axes(ax, emb: SetEmbedding, title: str) -> None:
+    """Room for the thumbnails at the edges, the projection's axis names, the title with the set's numbers."""
+    xs = emb.points["x"].to_numpy()
+    ys = emb.points["y"].to_numpy()
+    if len(xs):
+        dx, dy = np.ptp(xs) or 1.0, np.ptp(ys) or 1.0
+        ax.set_xlim(xs.min() - 0.08 * dx, xs.max() + 0.08 * dx)
+        ax.set_ylim(ys.min() - 0.08 * dy, ys.max() + 0.08 * dy)
+    name = {"pca": "PCA", "tsne": "t-SNE"}[emb.method]
+    ax.set_xlabel(f"{name} 1")
+    ax.set_ylabel(f"{name} 2")
+    s = emb.summary
+    note = (f"median percentile {s.get('median_percentile', float('nan')):.0f}, "
+            f"{100 * s.get('frac_outside', float('nan')):.0f}% outside their class, "
+            f"{100 * s.get('frac_negative_margin', float('nan')):.0f}% nearer another class mean")
+    ax.set_title((title + "\n" if title else "") + note, fontsize=9)
+
+
 def plot_embedding(emb: SetEmbedding, images: Any, path: str | Path, title: str = "",
                    thumb_px: int = 28) -> Path:
     """Draw a set's map: real points by class, class means (×, named), distilled images as thumbnails.
@@ -302,60 +360,16 @@ def plot_embedding(emb: SetEmbedding, images: Any, path: str | Path, title: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     imgs = _array(images, "images", 4)
-    pts = emb.points
-    classes = emb.classes
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    color = {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
+    cmap = plt.get_cmap("tab10" if len(emb.classes) <= 10 else "tab20")
+    color = {c: cmap(i % cmap.N) for i, c in enumerate(emb.classes)}
     fig, ax = plt.subplots(figsize=(7.5, 6.0), dpi=110)
-    real = pts[pts["kind"] == "real"]
-    ax.scatter(real["x"], real["y"], s=8, c=[color[c] for c in real["label"]], alpha=0.5, linewidths=0)
-    means = pts[pts["kind"] == "mean"].set_index("label")
-    syn = pts[pts["kind"] == "distilled"]
-    for _, p in syn.iterrows():
-        m = means.loc[p["label"]]
-        ax.plot([p["x"], m["x"]], [p["y"], m["y"]], ls=":", lw=0.8, color=color[p["label"]], zorder=2)
-    ax.scatter(means["x"], means["y"], marker="X", s=70, c=[color[c] for c in means.index], edgecolors="k",
-               linewidths=0.8, zorder=4)
-    if len(classes) <= 30:
-        for _, m in means.iterrows():
-            ax.annotate(str(m["class_name"]), (m["x"], m["y"]), xytext=(4, 4), textcoords="offset points",
-                        fontsize=8, weight="bold", zorder=5)
-    for _, p in syn.iterrows():
-        img = np.clip(imgs[int(p["image"])].astype(np.float32), 0, 1).transpose(1, 2, 0)
-        zoom = thumb_px / max(img.shape[:2])
-        box = AnnotationBbox(OffsetImage(img, zoom=zoom, interpolation="nearest" if zoom >= 1 else "antialiased"),
-                             (p["x"], p["y"]), frameon=True, pad=0.15, zorder=6,
-                             bboxprops={"edgecolor": color[p["label"]], "linewidth": 1.5})
-        ax.add_artist(box)
-    # make room for thumbnails at the edges
-    xs = pts["x"].to_numpy()
-    ys = pts["y"].to_numpy()
-    if len(xs):
-        dx, dy = np.ptp(xs) or 1.0, np.ptp(ys) or 1.0
-        ax.set_xlim(xs.min() - 0.08 * dx, xs.max() + 0.08 * dx)
-        ax.set_ylim(ys.min() - 0.08 * dy, ys.max() + 0.08 * dy)
-    name = {"pca": "PCA", "tsne": "t-SNE"}[emb.method]
-    ax.set_xlabel(f"{name} 1")
-    ax.set_ylabel(f"{name} 2")
-    s = emb.summary
-    note = (f"median percentile {s.get('median_percentile', float('nan')):.0f}, "
-            f"{100 * s.get('frac_outside', float('nan')):.0f}% outside their class, "
-            f"{100 * s.get('frac_negative_margin', float('nan')):.0f}% nearer another class mean")
-    ax.set_title((title + "\n" if title else "") + note, fontsize=9)
-    fig.tight_layout()
     try:
+        _draw_points(ax, emb.points, color)
+        _draw_thumbnails(ax, emb.points, imgs, color, thumb_px)
+        _label_axes(ax, emb, title)
+        fig.tight_layout()
         return save_figure(fig, path)
     finally:
         plt.close(fig)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-
-
-
-

@@ -62,33 +62,9 @@ def set_features(payload: dict, shards_root: str | Path, *, backbone: str | None
     import torch
 
     from lgm_ray.evaluate.baselines import image_features
-    from lgm_ray.evaluate.feature_cache import (
-        EvaluationInputError,
-        FeatureSource,
-        feature_description,
-        feature_key,
-    )
-    from lgm_ray.evaluate.protocol import open_shards, synset_settings
+    from lgm_ray.evaluate.feature_cache import feature_description, feature_key
 
-    cfg = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-    name = backbone or payload.get("backbone") or cfg.get("backbone")
-    if not name:
-        raise FeaturesUnavailable("the set does not name its backbone; pass backbone=")
-    settings = {"real_res": 256, "crop_res": 224, "normalization": "native", **synset_settings(payload, name)}
-    if weights is None and name == (payload.get("backbone") or cfg.get("backbone")):
-        weights = cfg.get("weights")
-    memo = (name, weights, str(shards_root), tuple(sorted(settings.items())), str(device), str(cache_dir))
-    env = sources.get(memo) if sources is not None else None
-    if env is None:
-        if not shards_root:
-            raise FeaturesUnavailable("the set's config names no shards")
-        try:
-            env = FeatureSource(name, open_shards(shards_root), weights=weights, device=device, cache_dir=cache_dir,
-                                **settings)
-        except (EvaluationInputError, OSError, RuntimeError, ValueError) as exc:
-            raise FeaturesUnavailable(f"{type(exc).__name__}: {exc}") from None
-        if sources is not None:
-            sources[memo] = env
+    name, env = _source(payload, shards_root, backbone, cache_dir, device, weights, sources)
     shards = env.shards
     desc = feature_description(env.fingerprint, shards, split, resize=env.real_res, crop=env.crop_res)
     n_split = sum(shards.manifest["counts"].get(split, ()))
@@ -105,3 +81,36 @@ def set_features(payload: dict, shards_root: str | Path, *, backbone: str | None
                  [str(c) for c in range(shards.num_classes)])
     return SetFeatures(real.features, real.labels, syn.to(torch.float32), names, int(shards.num_classes), name,
                        split, real.hit)
+
+
+def _source(payload: dict, shards_root: str | Path, backbone: str | None, cache_dir: str | Path | None,
+            device: str, weights: str | None, sources: dict | None):
+    """The backbone's name and its :class:`~lgm_ray.evaluate.feature_cache.FeatureSource` on the shards, with
+    the set's own settings (:func:`lgm_ray.evaluate.protocol.synset_settings`, else the evaluation's defaults);
+    kept in ``sources`` between calls."""
+    from lgm_ray.evaluate.config import EvalConfig
+    from lgm_ray.evaluate.feature_cache import EvaluationInputError, FeatureSource
+    from lgm_ray.evaluate.protocol import open_shards, synset_settings
+
+    cfg = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    name = backbone or payload.get("backbone") or cfg.get("backbone")
+    if not name:
+        raise FeaturesUnavailable("the set does not name its backbone; pass backbone=")
+    defaults = EvalConfig()
+    settings = {"real_res": defaults.real_res, "crop_res": defaults.crop_res,
+                "normalization": defaults.normalization, **synset_settings(payload, name)}
+    if weights is None and name == (payload.get("backbone") or cfg.get("backbone")):
+        weights = cfg.get("weights")
+    memo = (name, weights, str(shards_root), tuple(sorted(settings.items())), str(device), str(cache_dir))
+    env = sources.get(memo) if sources is not None else None
+    if env is None:
+        if not shards_root:
+            raise FeaturesUnavailable("the set's config names no shards")
+        try:
+            env = FeatureSource(name, open_shards(shards_root), weights=weights, device=device, cache_dir=cache_dir,
+                                **settings)
+        except (EvaluationInputError, OSError, RuntimeError, ValueError) as exc:
+            raise FeaturesUnavailable(f"{type(exc).__name__}: {exc}") from None
+        if sources is not None:
+            sources[memo] = env
+    return name, env

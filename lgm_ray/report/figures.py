@@ -1,8 +1,8 @@
 """The report's pictures: PIL images of distilled sets, WebP data URIs, and the PNG figures.
 
 Pure image work (PIL, matplotlib) on what :mod:`lgm_ray.report.load` read: thumbnails embedded in the
-page, the gallery and evolution mosaics and the meta-loss plot written as PNG files. No HTML here
-(:mod:`lgm_ray.report.page` places these on the page) and no MLflow.
+page, the gallery and evolution mosaics, the meta-loss plot and ours-vs-the-paper bars written as PNG
+files. No HTML here (the sections of :mod:`lgm_ray.report.sections` place these on the page) and no MLflow.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lgm_ray.common.atomic import replace_with, save_figure
+from lgm_ray.distill.run_folder import RunFolder
 from lgm_ray.report.load import Sweep, ablation_labels
 
 
@@ -62,14 +63,9 @@ def crop_grid(path: Path, n_classes: int, keep: int):
         return im.crop((0, 0, 2 + keep * cell, im.size[1]))
 
 
-def step_of(path: Path) -> int:
-    """The step of a ``grids/step_NNNNNNN.png`` file."""
-    return int(path.stem.split("_")[-1])
-
-
 def pick_steps(files: list[Path], max_steps: int) -> list[Path]:
     """At most ``max_steps`` of the step grids, evenly spread, the first and the last always in."""
-    files = sorted(files, key=step_of)
+    files = sorted(files, key=RunFolder.step_of)
     if len(files) <= max_steps:
         return files
     idx = sorted({round(i * (len(files) - 1) / (max_steps - 1)) for i in range(max_steps)})
@@ -161,6 +157,26 @@ def evolution_png(strips: list[tuple[int, Any]], path: Path, title: str) -> Path
         draw.text((4, y + im.size[1] // 2 - 7), f"step {step}", fill="black", font=font)
         canvas.paste(im, (label_w, y))
         y += im.size[1] + 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return replace_with(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def paper_png(cmp, path: Path, title: str) -> Path:
+    """Ours beside the paper's numbers (:func:`lgm_ray.report.frames.paper_comparison`'s frame) as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    labels = [f"{r} / {c}" for r, c in zip(cmp["row"], cmp["column"], strict=True)]
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, cmp["paper"], 0.4, label="paper", color="#999")
+    ax.bar(x + 0.2, np.nan_to_num(cmp["ours"].to_numpy(dtype=float)), 0.4, label="ours", color="#1f77b4")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = save_figure(fig, path)
+    plt.close(fig)
+    return png

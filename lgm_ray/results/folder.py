@@ -89,6 +89,10 @@ class SweepFolder:
         """The run folder of grid point ``key``: a function of the point alone, so a re-run finds its checkpoint."""
         return RunFolder(self.trial_dir(key) / self.RUN)
 
+    def runs(self) -> dict[str, RunFolder]:
+        """Every grid point's run folder (key → :class:`RunFolder`, in ``trials.json``'s order), made or not."""
+        return {key: self.run(key) for key in self.read_points()}
+
     def baseline_file(self, dataset: str, backbone: str, kind: str) -> Path:
         """Where one shared baseline's result is kept: its presence means done (skipped on resume)."""
         return self.baselines / f"{dataset}__{backbone}__{kind}.json"
@@ -96,6 +100,10 @@ class SweepFolder:
     # -------------------------------------------------------------- the small files
     def is_sweep(self) -> bool:
         return self.spec.is_file()
+
+    def is_empty(self) -> bool:
+        """Whether nothing is here yet (no folder, or an empty one): a new sweep may start here."""
+        return not self.root.is_dir() or not any(self.root.iterdir())
 
     def write_spec(self, resolved: dict[str, Any]) -> None:
         write_text(self.spec, yaml.safe_dump(resolved, sort_keys=False))
@@ -126,6 +134,11 @@ class SweepFolder:
         path = self.baseline_file(dataset, backbone, kind)
         write_text(path, json.dumps(result, default=str))
         return path
+
+    def read_baseline(self, dataset: str, backbone: str, kind: str) -> dict[str, Any] | None:
+        """One shared baseline's result, or None when it has not been computed yet."""
+        path = self.baseline_file(dataset, backbone, kind)
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def read_baselines(self) -> list[dict[str, Any]]:
         """Every shared baseline's result, in file-name order."""

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 METRIC_FIELDS = ("top1_mean", "top1_std", "top5_mean", "top5_std")
 BASELINE_ORDER = ("centroids", "neighbors", "random", "full")
+FRAME_COLUMNS = ("dataset", "training_set", "distill_backbone", "ablation", "eval_backbone", *METRIC_FIELDS,
+                 "n_values")
+RESULTS_FILE = "results.parquet"  # the long frame, in the tables folder
 
 
 def results_frame(trials: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> pd.DataFrame:
@@ -44,22 +47,8 @@ def results_frame(trials: list[dict[str, Any]], baselines: list[dict[str, Any]])
     """
     import pandas as pd
 
-    groups: dict[tuple, dict[str, list[float]]] = {}
-
-    def add(key: tuple, res: dict[str, Any]) -> None:
-        g = groups.setdefault(key, {"top1": [], "top5": []})
-        g["top1"] += list(res.get("top1_per_seed") or [res["top1_mean"]])
-        g["top5"] += list(res.get("top5_per_seed") or [res["top5_mean"]])
-
-    for t in trials:
-        for b, res in (t.get("evals") or {}).items():
-            add((t["dataset"], "distilled", t["backbone"], t["ablation"], b), res)
-        for b, res in (t.get("neighbors") or {}).items():
-            add((t["dataset"], "neighbors", t["backbone"], t["ablation"], b), res)
-    for r in baselines:
-        add((r["dataset"], r["baseline"], "", "", r["backbone"]), r)
     rows = []
-    for (ds, kind, src, abl, b), g in groups.items():
+    for (ds, kind, src, abl, b), g in _pool(trials, baselines).items():
         m1, s1 = _mean_std(g["top1"])
         m5, s5 = _mean_std(g["top5"])
         rows.append(
@@ -76,16 +65,27 @@ def results_frame(trials: list[dict[str, Any]], baselines: list[dict[str, Any]])
                 "n_values": len(g["top1"]),
             }
         )
-    cols = [
-        "dataset",
-        "training_set",
-        "distill_backbone",
-        "ablation",
-        "eval_backbone",
-        *METRIC_FIELDS,
-        "n_values",
-    ]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+
+
+def _pool(trials: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
+    """(dataset, training set, distillation backbone, ablation, evaluation backbone) → every top-1 and
+    top-5 value of that row (each probe seed of each distillation seed)."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+
+    def add(key: tuple, res: dict[str, Any]) -> None:
+        g = groups.setdefault(key, {"top1": [], "top5": []})
+        g["top1"] += list(res.get("top1_per_seed") or [res["top1_mean"]])
+        g["top5"] += list(res.get("top5_per_seed") or [res["top5_mean"]])
+
+    for t in trials:
+        for b, res in (t.get("evals") or {}).items():
+            add((t["dataset"], "distilled", t["backbone"], t["ablation"], b), res)
+        for b, res in (t.get("neighbors") or {}).items():
+            add((t["dataset"], "neighbors", t["backbone"], t["ablation"], b), res)
+    for r in baselines:
+        add((r["dataset"], r["baseline"], "", "", r["backbone"]), r)
+    return groups
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -291,36 +291,40 @@ def write_tables(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out / "results.parquet", index=False)
-    files = [out / "results.parquet"]
+    frame.to_parquet(out / RESULTS_FILE, index=False)
+    files = [out / RESULTS_FILE]
     text = []
     for ds in datasets:
-        means, stds = cross_model_table(frame, ds, eval_backbones)
-        if means.empty:
-            continue
-        title = (
-            f"{ds}: cross-model linear-probe top-1 (%) — rows: training set, columns: evaluation backbone"
-        )
-        md = to_markdown(means, stds, title)
-        text.append(md)
-        (out / f"cross_model_{ds}.md").write_text(md)
-        wide = means.add_suffix("_mean").join(stds.add_suffix("_std")).reset_index()
-        wide.to_parquet(out / f"cross_model_{ds}.parquet", index=False)
-        files += [
-            out / f"cross_model_{ds}.md",
-            out / f"cross_model_{ds}.parquet",
-            heatmap_png(means, out / f"cross_model_{ds}.png", f"{ds}: cross-model top-1 (%)"),
-        ]
-        if with_ablation:
-            abl = ablation_table(frame, ds, distill_backbones=ablation_backbones)
-            if not abl.empty:
-                md = to_markdown(abl, None, f"{ds}: ablation, mean top-1 (%) same-model / cross-model")
+        for md, written in (_write_cross_model(frame, ds, eval_backbones, out),
+                            _write_ablation(frame, ds, ablation_backbones, out) if with_ablation else ("", [])):
+            if md:
                 text.append(md)
-                (out / f"ablation_{ds}.md").write_text(md)
-                abl.reset_index().to_parquet(out / f"ablation_{ds}.parquet", index=False)
-                files += [
-                    out / f"ablation_{ds}.md",
-                    out / f"ablation_{ds}.parquet",
-                    heatmap_png(abl, out / f"ablation_{ds}.png", f"{ds}: ablation top-1 (%)"),
-                ]
+            files += written
     return "\n".join(text), files
+
+
+def _write_cross_model(frame: pd.DataFrame, ds: str, eval_backbones: list[str], out: Path) -> tuple[str, list[Path]]:
+    """``cross_model_DS.md`` / ``.parquet`` (means and stds side by side) / ``.png``; nothing for no rows."""
+    means, stds = cross_model_table(frame, ds, eval_backbones)
+    if means.empty:
+        return "", []
+    title = f"{ds}: cross-model linear-probe top-1 (%) — rows: training set, columns: evaluation backbone"
+    md = to_markdown(means, stds, title)
+    (out / f"cross_model_{ds}.md").write_text(md)
+    wide = means.add_suffix("_mean").join(stds.add_suffix("_std")).reset_index()
+    wide.to_parquet(out / f"cross_model_{ds}.parquet", index=False)
+    png = heatmap_png(means, out / f"cross_model_{ds}.png", f"{ds}: cross-model top-1 (%)")
+    return md, [out / f"cross_model_{ds}.md", out / f"cross_model_{ds}.parquet", png]
+
+
+def _write_ablation(frame: pd.DataFrame, ds: str, ablation_backbones: list[str] | None,
+                    out: Path) -> tuple[str, list[Path]]:
+    """``ablation_DS.md`` / ``.parquet`` / ``.png``; nothing when the dataset has no distilled rows."""
+    abl = ablation_table(frame, ds, distill_backbones=ablation_backbones)
+    if abl.empty:
+        return "", []
+    md = to_markdown(abl, None, f"{ds}: ablation, mean top-1 (%) same-model / cross-model")
+    (out / f"ablation_{ds}.md").write_text(md)
+    abl.reset_index().to_parquet(out / f"ablation_{ds}.parquet", index=False)
+    png = heatmap_png(abl, out / f"ablation_{ds}.png", f"{ds}: ablation top-1 (%)")
+    return md, [out / f"ablation_{ds}.md", out / f"ablation_{ds}.parquet", png]

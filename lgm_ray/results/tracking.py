@@ -8,7 +8,7 @@ MLflow, so the report builds them too.
 Everything goes through one :class:`mlflow.MlflowClient` with explicit experiment and run ids. The
 fluent API (``mlflow.set_experiment``, ``mlflow.start_run``) is not used: ``set_experiment`` exports
 ``MLFLOW_EXPERIMENT_ID``, which every Ray process started afterwards inherits and which overrides the
-experiment named to Ray's own MLflow helpers (DESIGN §5). Only the sweep's driver logs, so one
+experiment named to Ray's own MLflow helpers (docs/design.md §5). Only the sweep's driver logs, so one
 process writes the store — a SQLite file needs no locking across trials, and a tracking server bound
 to the head node's loopback serves a whole cluster.
 
@@ -86,6 +86,19 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlartifacts/`` beside a SQLite store; ``None`` (the
+    server's or store's own default) otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def _numeric(value: Any) -> bool:
+    """Whether ``value`` is a finite number MLflow can log as a metric (booleans are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
@@ -100,6 +113,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Tracker:
     """A sweep's MLflow runs, through one client with explicit ids (no global MLflow state).
+
+    One class because every call goes through the one client it holds (made lazily, never pickled):
+    finding and opening runs (experiment, parent, children) and logging to them.
 
     Args:
         tracking_uri: the MLflow tracking URI (see :func:`resolve_tracking_uri`).
@@ -131,12 +147,7 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        location = None
-        if self.tracking_uri.startswith("sqlite:///"):
-            location = (
-                Path(self.tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
-            ).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=artifact_location(self.tracking_uri))
 
     def start_parent(
         self, experiment_id: str, name: str, *, run_id: str | None = None, tags: dict[str, str] | None = None
@@ -203,6 +214,14 @@ class Tracker:
 
     # ---------------------------------------------------------------- logging
 
+    def _log_batch(self, run_id: str, *, params: list | None = None, metrics: list | None = None) -> None:
+        """Log params (100 per call) and metrics (1,000 per call) in batches: MLflow's limits per request."""
+        params, metrics = params or [], metrics or []
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         """Set tags in one batch, values as text cut to MLflow's tag limit."""
         from mlflow.entities import RunTag
@@ -215,22 +234,14 @@ class Tracker:
 
         have = self.client.get_run(run_id).data.params
         flat = {k: _param_value(v) for k, v in flatten(params).items()}
-        new = [Param(k, v) for k, v in flat.items() if have.get(k) != v]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(run_id, params=new[i : i + 100])
+        self._log_batch(run_id, params=[Param(k, v) for k, v in flat.items() if have.get(k) != v])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """Log finite numeric metrics at ``step``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+        self._log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _numeric(v)])
 
     def log_series(self, run_id: str, name: str, values: Iterable[float], first_step: int = 1) -> None:
         """Log one metric over steps (e.g. the meta loss of every step), in batches."""
@@ -242,8 +253,7 @@ class Tracker:
             for i, v in enumerate(values)
             if v is not None and math.isfinite(float(v))
         ]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+        self._log_batch(run_id, metrics=batch)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file or a folder's contents under ``artifact_path``; a missing path is skipped."""

@@ -13,8 +13,8 @@ split) or is held out of the images, stratified (``--test-fraction``, ``--split-
 from the source where it has both (``val/`` beside ``test/``; ``validation`` beside ``test``), or is carved
 out of train with ``--val-fraction F``: per class ``round(F·n)`` images, at least 1 and at most ``n − 1``,
 drawn with a seed derived from ``--val-seed``; the digits source carves it through
-:func:`lgm_ray.shards.digits.load_digits_split`, so the shards' ``val`` equals the in-memory one. The sources and
-their splits are resolved in :mod:`lgm_ray.shards.sources`; this module encodes and writes.
+:func:`lgm_ray.shards.digits.load_digits_split`, so the shards' ``val`` equals the in-memory one. The
+sources and their splits are resolved in :mod:`lgm_ray.shards.sources`; this module encodes and writes.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from PIL import Image
 from lgm_ray import __version__
 from lgm_ray.common.atomic import write_text
 from lgm_ray.shards.decode import resize_short
-from lgm_ray.shards.format import FORMAT_VERSION, MANIFEST_NAME, ShardError
+from lgm_ray.shards.format import FORMAT_VERSION, MANIFEST_NAME, SPLITS, ShardError
 from lgm_ray.shards.sources import (
     SOURCES,
-    SPLITS,
     Source,
     describe,
     digits_source,
@@ -198,28 +197,12 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
     real_res = real_res or (32 if source == "digits" else 256)
     fmt = fmt or ("png" if source == "digits" else "jpg")
     workers = workers or os.cpu_count() or 1
-    if source not in SOURCES or (path is None) != (source == "digits"):
-        raise ValueError(f"source must be 'digits' or 'imagefolder DIR' or 'hf DIR', got {source!r} {path!r}")
-    if real_res < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0.0 <= test_fraction < 1.0:
-        raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, --quality 1..100, --test-fraction in [0, 1)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"need --val-fraction in [0, 1), got {val_fraction}")
+    _check_options(source, path, real_res, shard_size, quality, test_fraction, val_fraction)
     target = Path(out)
     _check_out(target, overwrite)
     started = time.monotonic()
-    src = (digits_source(real_res, val_fraction, val_seed) if source == "digits"
-           else imagefolder_source(str(path), test_fraction, split_seed) if source == "imagefolder"
-           else hf_source(str(path), image_column, label_column, test_fraction, split_seed))
-    train_counts = np.bincount([y for _, y in src.items["train"]], minlength=len(src.class_names)).tolist()
-    _require_train_images(src.class_names, train_counts, f"in {path or source}")
-    if val_fraction > 0 and source != "digits":
-        if "val" in src.items:
-            raise ShardError(f"{path} brings its own validation split ({src.split_method}); build without "
-                             "--val-fraction, or move that folder away to carve one out of train")
-        src.items.update(carve_val(src.items["train"], val_fraction, val_seed, src.class_names))
-    if val_fraction > 0:
-        src.split_method += f"; val: stratified carve from train, fraction {val_fraction}, seed {val_seed}"
-    splits = [s for s in SPLITS if s != "val" or "val" in src.items]
+    src = _resolve(source, path, real_res, test_fraction, split_seed, val_fraction, val_seed, image_column,
+                   label_column)
     flags = {"out": out, "real-res": real_res, "format": fmt, "quality": quality, "shard-size": shard_size,
              "test-fraction": test_fraction, "split-seed": split_seed, "on-bad-sample": on_bad_sample}
     if val_fraction > 0:
@@ -232,16 +215,11 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
     try:
         enc = Encoding(fmt, quality, real_res, on_bad_sample)
         tasks = plan_tasks(src, staging, enc, shard_size, split_seed)
-        sizes = ", ".join(f"{s} {len(src.items.get(s, []))}" for s in splits)
-        print(f"[shards] building {target} from {path or source}: {sizes} images, {len(src.class_names)} "
-              f"classes, {len(tasks)} shards, {workers} workers", file=sys.stderr, flush=True)
+        print(f"[shards] building {target} from {path or source}: {_sizes(src)} images, "
+              f"{len(src.class_names)} classes, {len(tasks)} shards, {workers} workers", file=sys.stderr,
+              flush=True)
         results = run_tasks(tasks, workers)
-        counts = {s: [0] * len(src.class_names) for s in splits}
-        for r in results:
-            for label in r.pop("labels"):
-                counts[r["split"]][label] += 1
-        skipped = [s for r in results for s in r.pop("skipped")]
-        _require_train_images(src.class_names, counts["train"], f"without {len(skipped)} undecodable ones")
+        counts, skipped = _tally(src, results)
         manifest = {
             "format": "lgm_ray.shards", "format_version": FORMAT_VERSION, "name": target.name,
             "source": {"kind": src.kind, "path": src.path, **src.extra},
@@ -261,3 +239,51 @@ def build(source: str, path: str | None = None, *, out: str, real_res: int | Non
     print(f"[shards] wrote {target}: {len(results)} shards, {len(skipped)} images skipped "
           f"({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
     return manifest
+
+
+def _check_options(source: str, path: str | None, real_res: int, shard_size: int, quality: int,
+                   test_fraction: float, val_fraction: float) -> None:
+    if source not in SOURCES or (path is None) != (source == "digits"):
+        raise ValueError(f"source must be 'digits' or 'imagefolder DIR' or 'hf DIR', got {source!r} {path!r}")
+    if real_res < 1 or shard_size < 1 or not 1 <= quality <= 100 or not 0.0 <= test_fraction < 1.0:
+        raise ValueError("need --real-res ≥ 1, --shard-size ≥ 1, --quality 1..100, --test-fraction in [0, 1)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"need --val-fraction in [0, 1), got {val_fraction}")
+
+
+def _resolve(source: str, path: str | None, real_res: int, test_fraction: float, split_seed: int,
+             val_fraction: float, val_seed: int, image_column: str, label_column: str) -> Source:
+    """The source's classes and split items, with ``val`` carved out of train when asked."""
+    src = (digits_source(real_res, val_fraction, val_seed) if source == "digits"
+           else imagefolder_source(str(path), test_fraction, split_seed) if source == "imagefolder"
+           else hf_source(str(path), image_column, label_column, test_fraction, split_seed))
+    train_counts = np.bincount([y for _, y in src.items["train"]], minlength=len(src.class_names)).tolist()
+    _require_train_images(src.class_names, train_counts, f"in {path or source}")
+    if val_fraction > 0 and source != "digits":
+        if "val" in src.items:
+            raise ShardError(f"{path} brings its own validation split ({src.split_method}); build without "
+                             "--val-fraction, or move that folder away to carve one out of train")
+        src.items.update(carve_val(src.items["train"], val_fraction, val_seed, src.class_names))
+    if val_fraction > 0:
+        src.split_method += f"; val: stratified carve from train, fraction {val_fraction}, seed {val_seed}"
+    return src
+
+
+def _splits(src: Source) -> list[str]:
+    """The splits the set will list: train and test always, val when the source has one."""
+    return [s for s in SPLITS if s != "val" or "val" in src.items]
+
+
+def _sizes(src: Source) -> str:
+    return ", ".join(f"{s} {len(src.items.get(s, []))}" for s in _splits(src))
+
+
+def _tally(src: Source, results: list[dict[str, Any]]) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+    """Per-class counts by split and the skipped images, taken out of the written shards' results."""
+    counts = {s: [0] * len(src.class_names) for s in _splits(src)}
+    for r in results:
+        for label in r.pop("labels"):
+            counts[r["split"]][label] += 1
+    skipped = [s for r in results for s in r.pop("skipped")]
+    _require_train_images(src.class_names, counts["train"], f"without {len(skipped)} undecodable ones")
+    return counts, skipped

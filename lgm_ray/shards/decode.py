@@ -12,7 +12,8 @@ The bad-sample handler: an image that does not decode or a missing or unusable l
 :class:`~lgm_ray.shards.format.ShardError` naming the shard, the key and the fix; under ``"skip"`` it lists
 it (:class:`SkippedSample`) and, in a training task, gives its place to the next decodable sample of its
 stream (from that step's share or the spares beyond it), cropped at the bad sample's place, so batches
-keep their size.
+keep their size. Back in the main process a :class:`SkipLog` lists each skipped sample once and warns,
+and stops a read when none of a shard's samples decodes.
 
 Kept apart from the tar reading (:mod:`lgm_ray.shards.io`) because it opens nothing and runs in the decode
 pool's processes, and from the streams (:mod:`lgm_ray.shards.stream`) because it does not care which
@@ -24,6 +25,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lgm_ray.shards.format import Layout, ShardError, rebuild_hint, verify_hint
+from lgm_ray.shards.format import Layout, ShardError, entry_url, rebuild_hint, verify_hint
 
 ON_BAD_SAMPLE = ("raise", "skip")
 
@@ -43,6 +46,32 @@ class SkippedSample(NamedTuple):
     shard: str
     key: str
     reason: str
+
+
+class SkipLog:
+    """The samples a reader left out under ``on_bad_sample="skip"``: each listed once (:attr:`skipped`) and
+    warned about; a shard none of whose samples decodes raises :class:`ShardError`."""
+
+    def __init__(self, root: str, base: str, manifest: dict[str, Any]) -> None:
+        self.root, self.base, self.manifest = root, base, manifest
+        self.skipped: list[SkippedSample] = []
+        self._bad_keys: dict[str, set[str]] = defaultdict(set)
+
+    def note(self, skipped: Iterable[SkippedSample]) -> None:
+        """List (and warn about) each newly skipped sample; raise once a whole shard is bad."""
+        for s in skipped:
+            bad = self._bad_keys[s.shard]
+            if s.key in bad:
+                continue
+            bad.add(s.key)
+            self.skipped.append(s)
+            warnings.warn(f"skipped a bad sample: shard {s.shard}, key {s.key}: {s.reason}", stacklevel=4)
+            total = sum(int(e["count"]) for e in self.manifest["shards"]
+                        if entry_url(self.base, e) == s.shard)
+            if len(bad) >= total:
+                raise ShardError(f"shard {s.shard}: none of its {total} samples decodes (e.g. key {s.key}: "
+                                 f"{s.reason}); {verify_hint(self.root)}, then fix or drop that shard "
+                                 f"({rebuild_hint(self.root)})")
 
 
 class BadSample(Exception):

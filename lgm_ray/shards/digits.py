@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lgm_ray.common.suggest import did_you_mean
+from lgm_ray.shards.format import SPLITS
 from lgm_ray.shards.splits import carve_val
 
 CLASS_NAMES: tuple[str, ...] = tuple(str(i) for i in range(10))
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-SPLITS = ("train", "val", "test")
 
 
 @lru_cache(maxsize=1)
@@ -65,7 +66,8 @@ def load_digits_split(split: str, res: int = 32, *, val_fraction: float = 0.0,
         images: float32 N×3×res×res in [0, 1]; labels: int64 N.
     """
     if split not in SPLITS:
-        raise ValueError(f"digits split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise ValueError(f"digits split must be one of {', '.join(SPLITS)}, got {split!r}"
+                         f"{did_you_mean(split, SPLITS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"need val_fraction in [0, 1), got {val_fraction}")
     if split == "val" and val_fraction == 0:

@@ -14,10 +14,11 @@ sample count against the manifest (:meth:`lgm_ray.shards.stream.Reader.entry_sam
 are checked by ``python -m lgm_ray.shards verify`` (hashing every byte is not free), which also decodes
 every sample.
 
-This module holds what every shard module agrees on: the format's constants, :class:`ShardError` and the
-advice its messages end with, where a manifest entry's shard is (:func:`entry_url`), the manifest's own
-consistency (:func:`check_manifest`) and how its samples are laid out (:class:`Layout`). It opens no file,
-so that building, indexing, reading and decoding all depend on it and not on one another.
+This module holds what every shard module agrees on: the format's constants (the splits among them),
+:class:`ShardError` and the advice its messages end with, where a manifest entry's shard is
+(:func:`entry_url`), the manifest's own consistency (:func:`check_manifest`, :func:`split_counts`) and how
+its samples are laid out (:class:`Layout`). It opens no file, so that building, indexing, reading and
+decoding all depend on it and not on one another.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ from typing import Any
 from PIL import Image
 
 from lgm_ray.common.errors import InputError
+from lgm_ray.common.suggest import did_you_mean
 
 FORMAT_VERSION = 1  # what ``build`` writes; ``index`` writes INDEX_FORMAT_VERSION (shards anywhere)
 INDEX_FORMAT_VERSION = 2
 FORMAT_VERSIONS = (FORMAT_VERSION, INDEX_FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "test", "val")  # manifest order; it also seeds each split's shard shuffle: do not reorder
+# How to hold a split out when a set lacks it (the ``build`` flag named in the error).
+SPLIT_FLAGS = {"train": "", "val": "--val-fraction 0.1", "test": "--test-fraction 0.1"}
 IMAGE_FORMATS = ("jpg", "png")  # what ``build`` encodes
 _PREFERRED_KEYS = ("jpg", "jpeg", "png", "webp", "jpe", "jfif", "bmp", "gif", "tif", "tiff", "ppm", "pgm",
                    "pbm", "pnm", "tga", "jp2", "j2k", "jpx", "avif", "qoi", "apng", "ico", "dib", "sgi")
@@ -54,6 +59,20 @@ def rebuild_hint(root: str) -> str:
 def verify_hint(root: str) -> str:
     """Advice pointing at the full report."""
     return f"run `python -m lgm_ray.shards verify {root}` for a full report"
+
+
+def split_counts(m: dict[str, Any], root: str, split: str) -> list[int]:
+    """The manifest's per-class counts of ``split``; ValueError naming the fix when the set lacks it."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}"
+                         f"{did_you_mean(split, SPLITS)}")
+    if split not in m["counts"]:
+        have = ", ".join(m["counts"])
+        raise ValueError(f"{root} has no split {split!r} (it has {have}); "
+                         f"re-build it with `python -m lgm_ray.shards build SOURCE --out {root} "
+                         f"--overwrite {SPLIT_FLAGS[split]}` (or re-index it with `python -m "
+                         f"lgm_ray.shards index` and --test SOURCE or --val-fraction) to hold one out")
+    return m["counts"][split]
 
 
 def is_local(root: str) -> bool:

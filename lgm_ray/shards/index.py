@@ -1,13 +1,13 @@
 """Index WebDataset shards lgm_ray did not write: ``python -m lgm_ray.shards index SOURCE --out DIR``.
 
-One scan of the shards (streamed through webdataset, in ``--workers`` processes) finds, per shard, its
-byte size, SHA-256 and sample count, and per sample its image member, its label and its image's size
-(read from the image header; nothing is decoded or rewritten). ``DIR/manifest.json`` then lists the
-shards where they are (relative to ``DIR`` when inside it, else absolute paths or URLs), with the
+One scan of the shards (:mod:`lgm_ray.shards.shard_scan`: streamed through webdataset, in ``--workers``
+processes) finds, per shard, its byte size, SHA-256 and sample count, and per sample its image member,
+its label and its image's size (read from the image header; nothing is decoded or rewritten).
+``DIR/manifest.json`` then lists the shards where they are (relative to ``DIR`` when inside it, else absolute paths or URLs), with the
 classes, the counts per class and the layout; every lgm_ray command works on ``DIR`` as on a built set.
 
-Where the shards are (SOURCE, ``--test``; found by :mod:`lgm_ray.shards.locate`): a brace pattern ``DIR/train-{000000..000146}.tar`` (also
-``pipe:CMD``, ``http(s)://…``, ``s3://…`` and anything fsspec opens; ``A::B`` joins two), a glob
+Where the shards are (SOURCE, ``--test``; found by :mod:`lgm_ray.shards.locate`): a brace pattern
+``DIR/train-{000000..000146}.tar`` (also ``pipe:CMD``, ``http(s)://…``, ``s3://…`` and anything fsspec opens; ``A::B`` joins two), a glob
 ``DIR/*.tar``, or a folder — ``train/``, ``val/`` (or ``validation/``) and ``test/`` sub-folders of shards,
 or shards whose names say their split (``…-train-0000.tar``, ``…-validation-00.tar``; all train when
 none does).
@@ -31,133 +31,60 @@ position: the train and val entries of a shard list their positions, so no shard
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from lgm_ray import __version__
 from lgm_ray.common.atomic import write_text
-from lgm_ray.shards.decode import ON_BAD_SAMPLE, BadSample, image_payload, json_field
+from lgm_ray.shards.decode import ON_BAD_SAMPLE
 from lgm_ray.shards.format import (
     IMAGE_KEYS,
     INDEX_FORMAT_VERSION,
     MANIFEST_NAME,
+    SPLITS,
     ShardError,
     check_manifest,
     is_local,
     join,
 )
-from lgm_ray.shards.io import ReadStats, members_of, read_bytes, shard_samples
+from lgm_ray.shards.io import read_bytes
 from lgm_ray.shards.locate import sources_of
+from lgm_ray.shards.shard_scan import ShardScan, Spec, scan_all
+from lgm_ray.shards.splits import carve_val
 
-SPLITS = ("train", "test", "val")  # manifest order, as built sets
 CLASSNAMES_FILE = "classnames.txt"
 _CACHE: dict[str, dict[str, Any]] = {}
 
 
 @dataclass(frozen=True)
-class Spec:
-    """What to read from every sample."""
+class _Options:
+    """What to read from every sample, and the class names given by a file (None: from the labels)."""
 
-    image_key: str | None  # None: the first of IMAGE_KEYS present
-    label_key: str
-    label_field: str | None
-    names_key: str | None  # class names from a JSON member's field (``--classnames KEY:FIELD``)
-    names_field: str | None
-
-    @property
-    def members(self) -> frozenset[str]:
-        return frozenset({*IMAGE_KEYS, self.label_key} | {k for k in (self.image_key, self.names_key) if k})
+    spec: Spec
+    image_key: str | None  # as given (None: auto)
+    label_key: str  # as given, without its field
+    names_file: str | None
+    file_names: list[str] | None
 
 
 @dataclass
-class ShardScan:
-    """One shard's scan: its file facts and, per kept sample, position, label value and short side."""
+class _Labelled:
+    """The classes, and per scan the (position, class index) of every sample kept."""
 
-    url: str
-    split: str
-    bytes: int = 0
-    sha256: str = ""
-    samples: int = 0
-    positions: list[int] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
-    sides: list[int] = field(default_factory=list)
-    names: list[Any] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    image_keys: Counter = field(default_factory=Counter)
-    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (position, key, reason)
-
-
-def label_value(parts: dict[str, bytes], key: str, spec: Spec) -> int | str:
-    """A sample's raw label: an int (class index) or a str (class name)."""
-    raw = parts.get(spec.label_key)
-    if raw is None:
-        raise BadSample(key, f"has no '{spec.label_key}' label (members: {sorted(parts)}); name the "
-                                  "label's member with --label-key")
-    try:
-        value = json_field(json.loads(raw), spec.label_field) if spec.label_field \
-            else raw.decode("utf-8").strip()
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        what = f"field {spec.label_field!r} of '{spec.label_key}'" if spec.label_field else f"'{spec.label_key}'"
-        raise BadSample(key, f"{what} is unusable ({type(e).__name__}: {e})") from None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise BadSample(key, f"label {value!r} is neither an integer nor a class name")
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
-        value = int(value)
-    if isinstance(value, int) and value < 0:
-        raise BadSample(key, f"label {value} is negative")
-    return value
-
-
-def scan_shard(url: str, split: str, spec: Spec) -> ShardScan:
-    """Read one shard through webdataset: sizes, hash, per-sample label and image header; no decoding."""
-    scan, stats = ShardScan(url, split), ReadStats()
-    keys = (spec.image_key,) if spec.image_key else IMAGE_KEYS
-    for p, sample in enumerate(shard_samples(url, spec.members, stats=stats, hashing=True)):
-        key, parts = sample["__key__"], members_of(sample)
-        try:
-            ext, payload = image_payload(parts, key, keys)
-            value = label_value(parts, key, spec)
-            name = None
-            if spec.names_key:
-                try:
-                    name = str(json_field(json.loads(parts[spec.names_key]), spec.names_field or ""))
-                except (ValueError, KeyError, TypeError, IndexError) as e:
-                    raise BadSample(key, f"no class name in field {spec.names_field!r} of "
-                                              f"'{spec.names_key}' ({type(e).__name__}: {e})") from None
-            try:
-                with Image.open(io.BytesIO(payload)) as img:
-                    side = min(img.size)
-            except Exception as e:  # PIL raises many types on malformed headers
-                raise BadSample(key, f"image does not decode ({type(e).__name__}: {e})") from None
-        except BadSample as bad:
-            scan.bad.append((p, bad.key, bad.reason))
-            continue
-        scan.positions.append(p)
-        scan.values.append(value)
-        scan.sides.append(side)
-        scan.names.append(name)
-        scan.keys.append(key)
-        scan.image_keys[ext] += 1
-    scan.bytes, scan.sha256, scan.samples = stats.bytes, stats.sha256 or "", stats.samples
-    return scan
-
-
-def _scan_task(task: tuple[str, str, Spec]) -> ShardScan:
-    return scan_shard(*task)
+    class_names: list[str]
+    by_name: bool  # labels are class names
+    kept: dict[int, list[tuple[int, int]]]  # scan index → (position, class index)
+    drop: set[tuple[int, int]]  # (id of scan, sample index) left out for a bad label
+    skipped: list[dict[str, str]]  # what the manifest lists under ``skipped``
 
 
 def read_classnames(path: str) -> list[str]:
@@ -218,6 +145,37 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     Raises:
         ShardError: bad shards or samples (module doc); ValueError: bad options.
     """
+    _check_options(splits, val_fraction, on_bad_sample)
+    log = log or sys.stderr
+    opts = _options(splits, classnames, image_key, label_key)
+    started = time.monotonic()
+    scans = scan_all(splits, opts.spec, workers, log)
+    labelled = _label(scans, opts, on_bad_sample)
+    carve = _carve(scans, labelled, val_fraction, val_seed)
+    names_out = [s for s in SPLITS if s in splits or (s == "val" and carve)]
+    counts, entries, prefix = _entries(scans, labelled, carve, names_out, out)
+    _require_every_class(counts["train"], labelled.class_names, opts)
+    manifest = {
+        "format": "lgm_ray.shards", "format_version": INDEX_FORMAT_VERSION,
+        "name": Path(out).name if out else Path(prefix.rstrip("/") or "shards").name,
+        "source": _source(splits, opts), "class_names": labelled.class_names, "counts": counts,
+        "image": _image(scans, labelled, opts.spec), "label": {"key": opts.spec.label_key,
+                                                                "field": opts.spec.label_field,
+                                                                "by_name": labelled.by_name},
+        "members": sorted(opts.spec.members),
+        "split": {"method": "shards by split" + (f"; val: stratified carve from train by position, fraction "
+                                                 f"{val_fraction}, seed {val_seed}" if carve else ""),
+                  **({"val_fraction": val_fraction, "val_seed": val_seed} if carve else {})},
+        "shards": entries, "skipped": labelled.skipped, "lgm_ray_version": __version__,
+    }
+    check_manifest(manifest, out or "(in memory)")
+    print(f"[shards] indexed {len(scans)} shards, {len(labelled.class_names)} classes, samples: "
+          f"{', '.join(f'{k} {sum(v)}' for k, v in counts.items())}; {len(labelled.skipped)} skipped "
+          f"({time.monotonic() - started:.1f} s)", file=log, flush=True)
+    return manifest
+
+
+def _check_options(splits: dict[str, list[str]], val_fraction: float, on_bad_sample: str) -> None:
     if on_bad_sample not in ON_BAD_SAMPLE:
         raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
     if not 0.0 <= val_fraction < 1.0:
@@ -225,56 +183,65 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
     if val_fraction > 0 and "val" in splits:
         raise ShardError("the source has its own validation shards; index without --val-fraction, or give "
                          "the train shards alone as a pattern")
-    log = log or sys.stderr
+
+
+def _options(splits: dict[str, list[str]], classnames: str | None, image_key: str | None,
+             label_key: str) -> _Options:
+    """The members to read (``--image-key``, ``--label-key``, ``--classnames KEY:FIELD``), and the class
+    names of a ``--classnames`` file or of a ``classnames.txt`` beside the train shards."""
     label_key, label_field = _split_arg(label_key)
     from_file = not classnames or ":" not in classnames or os.path.exists(classnames) \
         or not is_local(classnames)
     names_key, names_field = (None, None) if from_file else _split_arg(classnames)
-    spec = Spec(image_key.lower() if image_key else None, (label_key or "cls").lower(), label_field, names_key,
-                names_field)
+    spec = Spec(image_key.lower() if image_key else None, (label_key or "cls").lower(), label_field,
+                names_key, names_field)
     names_file = None if names_key else classnames or _nearby_classnames(splits["train"][0])
     file_names = read_classnames(names_file) if names_file else None
-    tasks = [(url, split, spec) for split in SPLITS for url in splits.get(split, ())]
-    started = time.monotonic()
-    print(f"[shards] indexing {len(tasks)} shards ({', '.join(f'{s} {len(u)}' for s, u in splits.items())})"
-          f" with {workers} processes", file=log, flush=True)
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-            scans = list(pool.map(_scan_task, tasks))
-    else:
-        scans = [scan_shard(*t) for t in tasks]
+    return _Options(spec, image_key, label_key, names_file, file_names)
+
+
+def _label(scans: list[ShardScan], opts: _Options, on_bad_sample: str) -> _Labelled:
+    """The classes, and every sample's class index; bad samples and labels raise or are left out."""
     bad = [f"shard {s.url}, key {key}: {reason}" for s in scans for _, key, reason in s.bad]
     _fail_or_skip(bad, on_bad_sample, "bad samples")
-    class_names, by_name, label_of, why = _classes(scans, file_names, spec)
+    class_names, by_name, label_of, why = _classes(scans, opts.file_names, opts.spec)
     rows_bad = []
     for s in scans:  # labels outside the classes, found now that the classes are known
         for i, value in enumerate(s.values):
             if label_of(value) is None:
-                rows_bad.append((s, i, why(value).replace("the class-names file", str(names_file))))
-    _fail_or_skip([f"shard {s.url}, key {s.keys[i]}: {r}" for s, i, r in rows_bad], on_bad_sample, "bad labels")
+                rows_bad.append((s, i, why(value).replace("the class-names file", str(opts.names_file))))
+    _fail_or_skip([f"shard {s.url}, key {s.keys[i]}: {r}" for s, i, r in rows_bad], on_bad_sample,
+                  "bad labels")
     drop = {(id(s), i) for s, i, _ in rows_bad}
     skipped = [{"shard": s.url, "key": key, "reason": reason} for s in scans for _, key, reason in s.bad]
     skipped += [{"shard": s.url, "key": s.keys[i], "reason": r} for s, i, r in rows_bad]
-    kept: dict[int, list[tuple[int, int]]] = {}  # scan index → (position, class index)
-    for n, s in enumerate(scans):
-        kept[n] = [(p, label_of(v)) for i, (p, v) in enumerate(zip(s.positions, s.values, strict=True))
-                   if (id(s), i) not in drop]
-    assign = {n: scans[n].split for n in kept}
-    carve: dict[tuple[int, int], str] = {}
-    if val_fraction > 0:
-        from lgm_ray.shards.splits import carve_val
+    kept = {n: [(p, label_of(v)) for i, (p, v) in enumerate(zip(s.positions, s.values, strict=True))
+                if (id(s), i) not in drop]
+            for n, s in enumerate(scans)}
+    return _Labelled(class_names, by_name, kept, drop, skipped)
 
-        items = [((n, p), c) for n in kept if assign[n] == "train" for p, c in kept[n]]
-        carve = {ref: "val" for ref, _ in carve_val(items, val_fraction, val_seed, class_names)["val"]}
-    names_out = [s for s in SPLITS if s in splits or (s == "val" and carve)]
-    counts = {split: [0] * len(class_names) for split in names_out}
+
+def _carve(scans: list[ShardScan], labelled: _Labelled, val_fraction: float, val_seed: int
+           ) -> dict[tuple[int, int], str]:
+    """The train samples (scan index, position) carved out as ``val``, per class (none without a fraction)."""
+    if val_fraction <= 0:
+        return {}
+    items = [((n, p), c) for n, kept in labelled.kept.items() if scans[n].split == "train" for p, c in kept]
+    return {ref: "val" for ref, _ in carve_val(items, val_fraction, val_seed, labelled.class_names)["val"]}
+
+
+def _entries(scans: list[ShardScan], labelled: _Labelled, carve: dict[tuple[int, int], str],
+             names_out: list[str], out: str | None) -> tuple[dict[str, list[int]], list[dict[str, Any]], str]:
+    """Per-class counts by split, the manifest's shard entries (one per shard and split it serves; positions
+    where it serves part), and the shards' common parent."""
+    counts = {split: [0] * len(labelled.class_names) for split in names_out}
     entries = []
     prefix = _common_parent([s.url for s in scans])
     for n, s in enumerate(scans):
         parts: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for p, c in kept[n]:
+        for p, c in labelled.kept[n]:
             parts[carve.get((n, p), s.split)].append((p, c))
-        whole = len(parts) == 1 and len(kept[n]) == s.samples
+        whole = len(parts) == 1 and len(labelled.kept[n]) == s.samples
         for split in (x for x in SPLITS if x in parts):
             for _, c in parts[split]:
                 counts[split][c] += 1
@@ -283,38 +250,39 @@ def scan(splits: dict[str, list[str]], *, classnames: str | None = None, image_k
             if not whole:
                 entry.update(positions=[p for p, _ in parts[split]], tar_samples=s.samples)
             entries.append(entry)
-    if missing := [class_names[c] for c, k in enumerate(counts["train"]) if k == 0]:
-        where = f"{names_file} lists {len(class_names)} class names but the" if file_names else "The"
+    return counts, entries, prefix
+
+
+def _require_every_class(train_counts: list[int], class_names: list[str], opts: _Options) -> None:
+    if missing := [class_names[c] for c, k in enumerate(train_counts) if k == 0]:
+        where = f"{opts.names_file} lists {len(class_names)} class names but the" if opts.file_names \
+            else "The"
         raise ShardError(f"{where} train shards hold no sample of classes {missing[:5]}"
-                         f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(class_names)}); pass the "
-                         "class-names file of this set (or none: indices), or add the missing classes' shards")
-    found_keys = Counter()
+                         f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(class_names)}); pass "
+                         "the class-names file of this set (or none: indices), or add the missing classes' "
+                         "shards")
+
+
+def _source(splits: dict[str, list[str]], opts: _Options) -> dict[str, Any]:
+    """The manifest's ``source``: how the set was indexed."""
+    spec = opts.spec
+    return {"kind": "index", "splits": {k: len(v) for k, v in splits.items()},
+            "class_names": opts.names_file or (f"{spec.names_key}:{spec.names_field}" if spec.names_key
+                                               else "indices"),
+            "image_key": opts.image_key or "auto",
+            "label_key": opts.label_key + (f":{spec.label_field}" if spec.label_field else "")}
+
+
+def _image(scans: list[ShardScan], labelled: _Labelled, spec: Spec) -> dict[str, Any]:
+    """The manifest's ``image``: the image keys found, and the kept samples' short sides."""
+    found_keys: Counter = Counter()
     for s in scans:
         found_keys.update(s.image_keys)
     keys = [spec.image_key] if spec.image_key else [k for k in IMAGE_KEYS if found_keys[k]]
-    sides = [side for s in scans for i, side in enumerate(s.sides) if (id(s), i) not in drop]
-    manifest = {
-        "format": "lgm_ray.shards", "format_version": INDEX_FORMAT_VERSION,
-        "name": Path(out).name if out else Path(prefix.rstrip("/") or "shards").name,
-        "source": {"kind": "index", "splits": {k: len(v) for k, v in splits.items()},
-                   "class_names": names_file or (f"{names_key}:{names_field}" if names_key else "indices"),
-                   "image_key": image_key or "auto", "label_key": label_key + (f":{label_field}" if label_field else "")},
-        "class_names": class_names, "counts": counts,
-        "image": {"encoding": keys[0], "keys": keys, "short_side": int(statistics.median(sides)),
-                  "short_side_range": [min(sides), max(sides)], "resized": False,
-                  "resize": "as stored: short sides vary (short_side is their median)"},
-        "label": {"key": spec.label_key, "field": label_field, "by_name": by_name},
-        "members": sorted(spec.members),
-        "split": {"method": "shards by split" + (f"; val: stratified carve from train by position, fraction "
-                                                 f"{val_fraction}, seed {val_seed}" if carve else ""),
-                  **({"val_fraction": val_fraction, "val_seed": val_seed} if carve else {})},
-        "shards": entries, "skipped": skipped, "lgm_ray_version": __version__,
-    }
-    check_manifest(manifest, out or "(in memory)")
-    print(f"[shards] indexed {len(scans)} shards, {len(class_names)} classes, samples: "
-          f"{', '.join(f'{k} {sum(v)}' for k, v in counts.items())}; {len(skipped)} skipped "
-          f"({time.monotonic() - started:.1f} s)", file=log, flush=True)
-    return manifest
+    sides = [side for s in scans for i, side in enumerate(s.sides) if (id(s), i) not in labelled.drop]
+    return {"encoding": keys[0], "keys": keys, "short_side": int(statistics.median(sides)),
+            "short_side_range": [min(sides), max(sides)], "resized": False,
+            "resize": "as stored: short sides vary (short_side is their median)"}
 
 
 def _classes(scans: list[ShardScan], file_names: list[str] | None, spec: Spec

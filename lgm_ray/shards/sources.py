@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lgm_ray.shards.format import ShardError
+from lgm_ray.common.suggest import did_you_mean
+from lgm_ray.shards.format import SPLITS, ShardError
 from lgm_ray.shards.splits import Item, stratified_split
 
 SOURCES = ("digits", "imagefolder", "hf")
-SPLITS = ("train", "test", "val")  # this order seeds each split's shard shuffle: do not reorder
 HELD_OUT_DIRS = ("test", "val", "validation")  # image-folder names that are splits, never classes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -118,8 +118,8 @@ def hf_source(path: str, image_column: str, label_column: str, test_fraction: fl
     first = parts["train"][1]
     for col in (image_column, label_column):
         if col not in first.column_names:
-            raise ShardError(f"{path}: no column {col!r} (columns: {first.column_names}); "
-                             "name them with --image-column / --label-column")
+            raise ShardError(f"{path}: no column {col!r}{did_you_mean(col, first.column_names)} (columns: "
+                             f"{first.column_names}); name them with --image-column / --label-column")
     raw = {s: list(ds[label_column]) for s, (_, ds) in parts.items()}
     values, feature = {v for vs in raw.values() for v in vs}, first.features[label_column]
     if isinstance(feature, datasets.ClassLabel) or all(isinstance(v, int) and v >= 0 for v in values):

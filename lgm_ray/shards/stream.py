@@ -1,15 +1,16 @@
-"""The virtual streams under :class:`~lgm_ray.shards.reader.ShardSet`: which samples each stream and rank reads.
+"""The virtual streams under :class:`~lgm_ray.shards.reader.ShardSet`: which samples a stream and rank read.
 
 A *unit* (:class:`Unit`) is one manifest entry (a shard, or the part of a shard in one split), or a slice
 of it, read once: in file order with centre crops for an evaluation pass, or through a seeded shuffle
 buffer with random crops for training. Training units belong to virtual streams; :func:`stream_layout`
-gives each stream's share of a global batch and the streams a rank reads. :class:`Reader` turns a unit, or
-a stream epoch after epoch, into undecoded items for the tasks :mod:`lgm_ray.shards.decode` decodes. No
-shard is ever held whole: memory is the shuffle buffer (raw samples) per open stream plus the decode pool's
-tasks in flight.
+gives each stream's share of a global batch and the streams a rank reads, :func:`stream_plans` each
+stream's units, :func:`eval_plan` a rank's units of an ordered pass. :class:`Reader` turns a unit, or a
+stream epoch after epoch, into undecoded items, and :func:`train_tasks` a rank's streams into one task
+per step, for :mod:`lgm_ray.shards.decode` to decode. No shard is ever held whole: memory is the shuffle
+buffer (raw samples) per open stream plus the decode pool's tasks in flight.
 
-Determinism: training units belong to a virtual stream (see :mod:`lgm_ray.distill.real_batches` for the rule that deals
-streams to ranks); a stream's unit order, the shuffle of each unit (a ``shuffle_buffer``-sample buffer
+Determinism: training units belong to a virtual stream (see :mod:`lgm_ray.distill.real_batches` for the
+rule that deals streams to ranks); a stream's unit order, the shuffle of each unit (a ``shuffle_buffer``-sample buffer
 seeded by the unit) and every random crop come from seeds of ``(seed, stream, epoch, shard)`` alone. The
 reader builds each step's task in the main process; the decode pool returns tasks in order, so batches
 depend neither on ``num_workers`` nor on how many ranks share the streams. A stream starting at step ``t``
@@ -35,7 +36,7 @@ import numpy as np
 from webdataset import filters as wds_filters
 
 from lgm_ray.core.seeds import derive_seed
-from lgm_ray.shards.decode import Item
+from lgm_ray.shards.decode import Item, TrainTask
 from lgm_ray.shards.format import Layout, ShardError, entry_url, rebuild_hint, verify_hint
 from lgm_ray.shards.io import ReadStats, members_of, shard_samples
 
@@ -61,6 +62,7 @@ class Unit:
 
 
 StreamPlan = tuple[tuple[int, int, int, int, int], ...]  # units: (entry, offset, stride, phase, samples)
+ActiveStream = tuple[int, StreamPlan, int]  # (stream, its units, its share of every step)
 
 
 def stream_layout(batch_size: int, num_streams: int, rank: int, world_size: int, start_step: int = 0
@@ -84,6 +86,44 @@ def stream_layout(batch_size: int, num_streams: int, rank: int, world_size: int,
                          f"real_streams) to at least {world_size}")
     base, extra = divmod(batch_size, num_streams)
     return [base + (v < extra) for v in range(num_streams)], list(range(rank, num_streams, world_size))
+
+
+def stream_plans(manifest: dict[str, Any], root: str, num_streams: int) -> list[StreamPlan]:
+    """Every virtual stream's units: whole train shards dealt round-robin, or every shard sliced by stride.
+
+    Raises:
+        ValueError: fewer train samples than streams.
+    """
+    shards, offset = [], 0
+    for i, entry in enumerate(manifest["shards"]):
+        if entry["split"] == "train":
+            shards.append((i, offset, entry["count"]))
+            offset += entry["count"]
+    if offset < num_streams:
+        raise ValueError(f"{root} has {offset} train samples, fewer than num_streams={num_streams}; "
+                         f"lower num_streams (config field real_streams) to at most {offset}")
+    if len(shards) >= num_streams:
+        return [tuple((i, off, 1, 0, n) for i, off, n in shards[v::num_streams])
+                for v in range(num_streams)]
+    return [tuple((i, off, num_streams, v, n_v) for i, off, n in shards
+                  if (n_v := len(range((v - off) % num_streams, n, num_streams))))
+            for v in range(num_streams)]
+
+
+def eval_plan(manifest: dict[str, Any], split: str, rank: int, world_size: int) -> list[Unit]:
+    """This rank's units of an ordered pass over ``split``, in manifest order: every ``world_size``-th
+    shard from ``rank``, or, with fewer shards than ranks, every shard's samples ``i % world_size == rank``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank}, world_size={world_size}")
+    shards, offset = [], 0
+    for i, entry in enumerate(manifest["shards"]):
+        if entry["split"] == split:
+            shards.append((i, offset))
+            offset += entry["count"]
+    if len(shards) >= world_size:
+        return [Unit(i, off, 1, 0) for i, off in shards[rank::world_size]]
+    return [Unit(i, off, world_size, rank) for i, off in shards]
 
 
 class Reader:
@@ -153,6 +193,16 @@ class Reader:
                                 max(0, start - first))
                     yield from self.unit_items(unit, bufsize)
                 first += n
+
+
+def train_tasks(reader: Reader, active: Iterable[ActiveStream], seed: int, start_step: int, size: int,
+                shuffle_buffer: int) -> Iterator[TrainTask]:
+    """One :class:`~lgm_ray.shards.decode.TrainTask` per step from ``start_step`` on: each active stream's
+    share of the step, and the :data:`SPARES` samples after it."""
+    streams = [(v, share, Lookahead(reader.stream_items(v, plan, share, seed, start_step, shuffle_buffer)))
+               for v, plan, share in active]
+    for step in count(start_step):
+        yield TrainTask([(v, s.take(share), s.peek(SPARES)) for v, share, s in streams], size, step)
 
 
 class Lookahead:

@@ -2,34 +2,34 @@
 
 Only the driver process talks to MLflow; trials and Ray tasks never do. :func:`start_tracking` opens
 (on ``--resume``, reopens) the sweep's experiment and parent run and writes them to the sweep folder's
-``sweep_state.json`` (:data:`STATE_FILE`). :class:`MlflowTrialLogger`, a Tune callback, reads that file
-at set-up and logs each trial to its child run: params when it starts, the meta loss while it runs,
-metrics and artifacts from its run folder when it finishes (:func:`log_trial_result`), the error text
-when it fails; a logging failure there is a warning, never a stopped sweep. The writer and the reader of
-the state file live together so its format is in one place.
+state file (:meth:`SweepFolder.write_state <lgm_ray.results.folder.SweepFolder.write_state>`).
+:class:`MlflowTrialLogger`, a Tune callback, reads that file at set-up and logs each trial to its child
+run: params when it starts, the meta loss while it runs, metrics and artifacts from its run folder when
+it finishes (:func:`log_trial_result`), the error text when it fails; a logging failure there is a
+warning, never a stopped sweep.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from lgm_ray.distill.run_folder import RunFolder
+from lgm_ray.results.folder import SweepFolder
+from lgm_ray.results.tables import METRIC_FIELDS
 from lgm_ray.results.tracking import Tracker, flatten
 from lgm_ray.sweep.spec import SweepSpec
-from lgm_ray.sweep.trial import ERROR_FILE, RESULT_FILE, load_point, trial_run_dir, write_text
+from lgm_ray.sweep.trial import load_point, trial_run
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-STATE_FILE = "sweep_state.json"
-
 
 def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, str, str]:
-    """Open the sweep's experiment and parent run, log the spec on it and write :data:`STATE_FILE`.
+    """Open the sweep's experiment and parent run, log the spec on it and write the sweep's state file.
 
     On ``resume`` the parent run of the state file is reopened when the tracking URI is the same one,
     so a resumed sweep adds to its runs instead of starting new ones.
@@ -37,8 +37,8 @@ def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, st
     Returns:
         The tracker, the experiment id and the parent run id.
     """
-    state_path = spec.sweep_dir / STATE_FILE
-    old = json.loads(state_path.read_text()) if resume and state_path.exists() else {}
+    folder = spec.folder
+    old = folder.read_state() if resume else {}
     tracker = Tracker(uri)
     experiment = spec.mlflow.experiment or spec.name
     exp_id = tracker.experiment(experiment)
@@ -48,13 +48,14 @@ def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, st
         run_id=old.get("parent_run_id") if old.get("tracking_uri") == uri else None,
         tags={"spec": spec.source or "", "mlflow.note.content": spec.description},
     )
-    state = {"tracking_uri": uri, "experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent}
-    write_text(state_path, json.dumps(state, indent=1))
+    folder.write_state(
+        {"tracking_uri": uri, "experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent}
+    )
     resolved = spec.to_dict()
     tracker.log_params(
         parent, {k: v for k, v in flatten(resolved).items() if k not in ("paper", "description")}
     )
-    tracker.log_artifact(parent, spec.sweep_dir / "spec.yaml")
+    tracker.log_artifact(parent, folder.spec)
     if spec.source:
         tracker.log_artifact(parent, spec.source, "spec_source")
     return tracker, exp_id, parent
@@ -72,11 +73,8 @@ class MlflowTrialLogger(tune.Callback):
         self.tracker: Tracker | None = None
         self.runs: dict[str, str] = {}
 
-    def _state(self) -> dict[str, Any]:
-        return json.loads((Path(self.sweep_dir) / STATE_FILE).read_text())
-
     def setup(self, **info: Any) -> None:
-        state = self._state()
+        state = SweepFolder(self.sweep_dir).read_state()
         self.tracker = Tracker(state["tracking_uri"])
         self.experiment_id, self.parent_id = state["experiment_id"], state["parent_run_id"]
         self.runs = {}
@@ -106,20 +104,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         try:
-            cfg = trial.config
-            point = load_point(cfg)
-            self.tracker.log_params(
-                self._run_id(trial),
-                {
-                    **point.resolved().to_dict(),
-                    "out": str(trial_run_dir(cfg["sweep_dir"], point.key)),
-                    "dataset": point.dataset,
-                    "eval_backbones": ",".join(cfg["eval_backbones"]),
-                    "workers": cfg["workers"],
-                    **{f"ablation.{k}": v for k, v in point.ablation.items()},
-                    **{f"eval.{k}": v for k, v in cfg["eval"].items()},
-                },
-            )
+            self.tracker.log_params(self._run_id(trial), trial_params(trial.config))
         except Exception as exc:  # noqa: BLE001 - logging must never stop the sweep
             self._warn(f"start {trial}", exc)
 
@@ -140,16 +125,15 @@ class MlflowTrialLogger(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         try:
             run_id = self._run_id(trial)
-            run_dir = trial_run_dir(trial.config["sweep_dir"], trial.config["trial"])
-            log_trial_result(self.tracker, run_id, run_dir)
+            log_trial_result(self.tracker, run_id, trial_run(trial.config))
             self.tracker.finish(run_id)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"complete {trial}", exc)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         try:
-            run_dir = trial_run_dir(trial.config["sweep_dir"], trial.config["trial"])
-            error = (run_dir / ERROR_FILE).read_text() if (run_dir / ERROR_FILE).exists() else ""
+            run = trial_run(trial.config)
+            error = run.error.read_text() if run.error.is_file() else ""
             if not error and trial.error_file and Path(trial.error_file).exists():
                 error = Path(trial.error_file).read_text()
             self.tracker.fail(self._run_id(trial), error or "the trial failed (no error text recorded)")
@@ -157,24 +141,39 @@ class MlflowTrialLogger(tune.Callback):
             self._warn(f"error {trial}", exc)
 
 
-def log_trial_result(tracker: Tracker, run_id: str, run_dir: Path) -> None:
-    """Log a finished trial's metrics and artifacts from its run folder."""
-    result = json.loads((run_dir / RESULT_FILE).read_text())
+def trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's MLflow params, from its Tune config: its resolved run config (the Ray Train workers
+    included), run folder, dataset, evaluation backbones, ablation values and probe settings."""
+    point = load_point(config)
+    return {
+        **point.resolved().to_dict(),
+        "out": str(trial_run(config).root),
+        "dataset": point.dataset,
+        "eval_backbones": ",".join(config["eval_backbones"]),
+        **{f"ablation.{k}": v for k, v in point.ablation.items()},
+        **{f"eval.{k}": v for k, v in config["eval"].items()},
+    }
+
+
+def log_trial_result(tracker: Tracker, run_id: str, run: RunFolder | str | Path) -> None:
+    """Log a finished trial's metrics and artifacts from its run folder (its ``result.json``)."""
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    result = run.read_result()
+    if result is None:
+        raise FileNotFoundError(f"{run.result} does not exist: the trial wrote no result")
     summary = result["summary"]
     tracker.log_series(run_id, "meta_loss", summary.get("losses") or [])
     metrics = {k: summary.get(k) for k in ("final_loss", "images_per_s", "seconds", "steps")}
     for kind, evals in (("", result["evals"]), ("neighbors/", result["neighbors"])):
         for b, r in evals.items():
-            metrics.update(
-                {f"{kind}{b}/{m}": r[m] for m in ("top1_mean", "top1_std", "top5_mean", "top5_std")}
-            )
+            metrics.update({f"{kind}{b}/{m}": r[m] for m in METRIC_FIELDS})
     if result["evals"]:
         metrics["top1_mean_avg"] = sum(r["top1_mean"] for r in result["evals"].values()) / len(
             result["evals"]
         )
     tracker.log_metrics(run_id, metrics)
-    for name in ("synset.pt", "grid.png", "config.yaml", RESULT_FILE):
-        tracker.log_artifact(run_id, run_dir / name)
-    if (run_dir / "grids").is_dir():
-        tracker.log_artifact(run_id, run_dir / "grids", "grids")
-        tracker.log_image_steps(run_id, run_dir / "grids")
+    for path in (run.synset, run.grid, run.config, run.result):
+        tracker.log_artifact(run_id, path)
+    if run.grids.is_dir():
+        tracker.log_artifact(run_id, run.grids, RunFolder.GRIDS)
+        tracker.log_image_steps(run_id, run.grids)

@@ -1,8 +1,8 @@
 """Reading and checking a sweep spec: YAML → checked values → :class:`~lgm_ray.sweep.spec.SweepSpec`.
 
 :func:`load_spec` reads a file; :func:`parse_spec` checks every field of the mapping (unknown keys get
-the nearest valid name; values are checked against the types of ``DistillConfig`` and of
-:func:`lgm_ray.evaluate.protocol.evaluate`), expands backbone globs against the registry and ablation axes into
+the nearest valid name; values are checked by ``DistillConfig`` and
+:class:`~lgm_ray.evaluate.config.EvalConfig`), expands backbone globs against the registry and ablation axes into
 points, makes relative paths absolute, then checks that every grid point makes a valid
 ``DistillConfig`` and that the datasets' shards exist. :func:`check_resources` checks a trial's
 request against the nodes of a cluster, which the driver knows only once Ray is up.
@@ -16,7 +16,6 @@ a bad one is refused, so each reads on its own.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import itertools
 import re
@@ -27,7 +26,10 @@ from typing import Any
 
 import yaml
 
+from lgm_ray.common.errors import InputError
+from lgm_ray.common.suggest import did_you_mean
 from lgm_ray.distill.config import ConfigError, DistillConfig
+from lgm_ray.evaluate.config import EvalConfig
 from lgm_ray.sweep.spec import (
     GRID_FIELDS,
     SPEC_KEYS,
@@ -36,24 +38,17 @@ from lgm_ray.sweep.spec import (
     SpecError,
     SweepSpec,
     Tracking,
-    eval_defaults,
     run_field_types,
 )
 
 # ---------------------------------------------------------------- keys and types
 
 
-def suggest(name: str, valid: list[str] | tuple[str, ...]) -> str:
-    """`` (did you mean 'x'?)`` for the nearest valid name, or ``''``."""
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _unknown_keys(data: dict, valid: list[str] | tuple[str, ...], where: str) -> None:
     for key in data:
         if key not in valid:
             raise SpecError(
-                f"{where}: unknown key {key!r}{suggest(str(key), valid)}; valid keys: {', '.join(valid)}"
+                f"{where}: unknown key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}"
             )
 
 
@@ -118,38 +113,26 @@ def check_run_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
             raise SpecError(f"{where}: {key!r} is set by the sweep grid; use {GRID_FIELDS[key]} instead")
         if key not in hints:
             raise SpecError(
-                f"{where}: unknown run field {key!r}{suggest(str(key), list(hints))}; "
+                f"{where}: unknown run field {key!r}{did_you_mean(key, hints)}; "
                 f"run fields are those of lgm_ray.distill.config.DistillConfig: {', '.join(hints)}"
             )
-        coerce = getattr(DistillConfig, "coerce", None)
-        if coerce is None:
-            check_type(value, hints[key], f"{where}.{key}")
-            out[key] = value
-            continue
         try:
-            out[key] = coerce(key, value, f"{where}.{key}")
+            out[key] = DistillConfig.coerce(key, value, f"{where}.{key}")
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
     return out
 
 
 def _check_eval(data: Any) -> dict[str, Any]:
-    from lgm_ray.evaluate.protocol import FULL_MODES, evaluate
-
+    """The spec's ``eval:`` block: only :attr:`EvalConfig.SWEEP_FIELDS`, checked by :class:`EvalConfig`."""
     if data is None:
         return {}
-    fields_ = tuple(eval_defaults())
     if not isinstance(data, dict):
-        raise SpecError(f"eval must be a mapping of {', '.join(fields_)}")
-    _unknown_keys(data, fields_, "eval")
-    hints = typing.get_type_hints(evaluate)
-    for key, value in data.items():
-        check_type(value, hints[key], f"eval.{key}")
-    for key in ("epochs", "seeds", "batch"):
-        if data.get(key) is not None and data[key] < 1:
-            raise SpecError(f"eval.{key} = {data[key]!r}: must be ≥ 1")
-    if "full_mode" in data and data["full_mode"] not in FULL_MODES:
-        raise SpecError(f"eval.full_mode = {data['full_mode']!r}: choose one of {', '.join(FULL_MODES)}")
+        raise SpecError(f"eval must be a mapping of {', '.join(EvalConfig.SWEEP_FIELDS)}")
+    try:
+        EvalConfig.from_dict(data, allowed=EvalConfig.SWEEP_FIELDS, source="eval")
+    except InputError as exc:
+        raise SpecError(str(exc)) from None
     return dict(data)
 
 
@@ -176,7 +159,7 @@ def expand_backbones(patterns: list[str], where: str) -> list[str]:
         hits = fnmatch.filter(known, pat) if any(c in pat for c in "*?[") else [pat] if pat in known else []
         if not hits:
             raise SpecError(
-                f"{where}: unknown backbone {pat!r}{suggest(pat, known)}; known backbones: {', '.join(known)}"
+                f"{where}: unknown backbone {pat!r}{did_you_mean(pat, known)}; known backbones: {', '.join(known)}"
             )
         out += [h for h in hits if h not in out]
     return out
@@ -252,6 +235,93 @@ def _ablations(value: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _check_top(data: Any, source: str | None) -> str:
+    """The spec is a mapping of known keys with ``datasets`` and ``backbones``; returns its name."""
+    where = source or "spec"
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must hold a mapping of spec fields ({', '.join(SPEC_KEYS)})")
+    _unknown_keys(data, SPEC_KEYS, where)
+    for required in ("datasets", "backbones"):
+        if required not in data:
+            raise SpecError(f"{where}: missing {required!r}")
+    name = data.get("name") or (Path(source).stem if source else None)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SpecError(f"name = {name!r}: give a name of letters, digits, '_', '.', '-'")
+    return name
+
+
+def _run_config(data: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared run settings (``config_file`` merged under ``config``) and ``config``'s own overrides."""
+    config: dict[str, Any] = {}
+    if data.get("config_file") is not None:
+        from lgm_ray.distill.config import load_yaml
+
+        file = _abs(str(data["config_file"]), cwd)
+        try:
+            config.update(load_yaml(file))
+        except ConfigError as exc:
+            raise SpecError(f"config_file: {exc}") from None
+        for k in GRID_FIELDS:
+            config.pop(k, None)  # a run config file may name its own data and output; the grid sets them
+        config = check_run_fields(config, f"config_file {file}")
+    overrides = data.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise SpecError("config must map run fields (lgm_ray.distill.config.DistillConfig) to values")
+    overrides = check_run_fields(overrides, "config")
+    config.update(overrides)
+    return config, overrides
+
+
+def _backbone_lists(data: dict[str, Any]) -> tuple[list[str], list[str], list[str] | None]:
+    """Distillation, evaluation and ablation backbones, globs expanded against the registry."""
+    backbones = expand_backbones(_names(data["backbones"], "backbones"), "backbones")
+    eval_backbones = expand_backbones(
+        _names(data.get("eval_backbones") or backbones, "eval_backbones"), "eval_backbones"
+    )
+    if data.get("ablation_backbones") is None:
+        return backbones, eval_backbones, None
+    ablation_backbones = expand_backbones(
+        _names(data["ablation_backbones"], "ablation_backbones"), "ablation_backbones"
+    )
+    outside = [b for b in ablation_backbones if b not in backbones]
+    if outside:
+        raise SpecError(f"ablation_backbones: {outside} are not distillation backbones ({backbones})")
+    return backbones, eval_backbones, ablation_backbones
+
+
+def _seeds(value: Any) -> list[int]:
+    seeds = [value] if isinstance(value, int) else value
+    if not isinstance(seeds, list) or not seeds or not all(_type_ok(s, int) for s in seeds):
+        raise SpecError(f"seeds = {seeds!r}: give a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"seeds = {seeds!r} lists a seed twice")
+    return list(seeds)
+
+
+def _baselines(value: Any) -> list[str]:
+    from lgm_ray.evaluate.baselines import BASELINES
+
+    baselines = [] if value is None else value
+    if not isinstance(baselines, list):
+        raise SpecError("baselines must be a list (possibly empty)")
+    for b in baselines:
+        if b not in BASELINES:
+            raise SpecError(
+                f"baselines: unknown baseline {b!r}{did_you_mean(b, BASELINES)}; "
+                f"choose from {', '.join(BASELINES)}"
+            )
+    return list(baselines)
+
+
+def _storage(value: Any, cwd: Path) -> str:
+    if not isinstance(value, str) or "://" in value:
+        raise SpecError(
+            f"storage = {value!r}: give a folder (on a multi-node cluster, a shared one "
+            f"such as an NFS/EFS mount, see cluster.yaml)"
+        )
+    return _abs(value, cwd)
+
+
 def parse_spec(
     data: dict[str, Any],
     *,
@@ -270,75 +340,15 @@ def parse_spec(
     Raises:
         SpecError: naming the field and the fix.
     """
+    from lgm_ray.evaluate.baselines import BASELINES
+
     cwd = Path(cwd or Path.cwd())
-    where = source or "spec"
-    if not isinstance(data, dict):
-        raise SpecError(f"{where} must hold a mapping of spec fields ({', '.join(SPEC_KEYS)})")
-    _unknown_keys(data, SPEC_KEYS, where)
-    for required in ("datasets", "backbones"):
-        if required not in data:
-            raise SpecError(f"{where}: missing {required!r}")
-    name = data.get("name") or (Path(source).stem if source else None)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise SpecError(f"name = {name!r}: give a name of letters, digits, '_', '.', '-'")
-
-    config: dict[str, Any] = {}
-    if data.get("config_file") is not None:
-        from lgm_ray.distill.config import load_yaml
-
-        file = _abs(str(data["config_file"]), cwd)
-        try:
-            config.update(load_yaml(file))
-        except ConfigError as exc:
-            raise SpecError(f"config_file: {exc}") from None
-        for k in GRID_FIELDS:
-            config.pop(k, None)  # a run config file may name its own data and output; the grid sets them
-        config = check_run_fields(config, f"config_file {file}")
-    overrides = data.get("config") or {}
-    if not isinstance(overrides, dict):
-        raise SpecError("config must map run fields (lgm_ray.distill.config.DistillConfig) to values")
-    overrides = check_run_fields(overrides, "config")
-    config.update(overrides)
+    name = _check_top(data, source)
+    config, overrides = _run_config(data, cwd)
     # A point's values override config_file's; a key a point does not set keeps config_file's value
     # (a list point {} is the config file's own run, not the defaults).
     ablations = _ablations(data.get("ablations"), overrides)
-
-    backbones = expand_backbones(_names(data["backbones"], "backbones"), "backbones")
-    eval_backbones = expand_backbones(
-        _names(data.get("eval_backbones") or backbones, "eval_backbones"), "eval_backbones"
-    )
-    ablation_backbones = None
-    if data.get("ablation_backbones") is not None:
-        ablation_backbones = expand_backbones(
-            _names(data["ablation_backbones"], "ablation_backbones"), "ablation_backbones"
-        )
-        outside = [b for b in ablation_backbones if b not in backbones]
-        if outside:
-            raise SpecError(f"ablation_backbones: {outside} are not distillation backbones ({backbones})")
-    seeds = data.get("seeds", [0])
-    seeds = [seeds] if isinstance(seeds, int) else seeds
-    if not isinstance(seeds, list) or not seeds or not all(_type_ok(s, int) for s in seeds):
-        raise SpecError(f"seeds = {seeds!r}: give a non-empty list of integers")
-    if len(set(seeds)) != len(seeds):
-        raise SpecError(f"seeds = {seeds!r} lists a seed twice")
-    from lgm_ray.evaluate.baselines import BASELINES
-
-    baselines = data.get("baselines", list(BASELINES))
-    baselines = [] if baselines is None else baselines
-    if not isinstance(baselines, list):
-        raise SpecError("baselines must be a list (possibly empty)")
-    for b in baselines:
-        if b not in BASELINES:
-            raise SpecError(
-                f"baselines: unknown baseline {b!r}{suggest(str(b), BASELINES)}; "
-                f"choose from {', '.join(BASELINES)}"
-            )
-    storage = data.get("storage", "runs/sweeps")
-    if not isinstance(storage, str) or "://" in storage:
-        raise SpecError(
-            f"storage = {storage!r}: give a folder (on a multi-node cluster, a shared one "
-            f"such as an NFS/EFS mount, see cluster.yaml)"
-        )
+    backbones, eval_backbones, ablation_backbones = _backbone_lists(data)
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError("description must be text")
@@ -350,11 +360,11 @@ def parse_spec(
         config=config,
         ablations=ablations,
         ablation_backbones=ablation_backbones,
-        seeds=list(seeds),
-        baselines=list(baselines),
+        seeds=_seeds(data.get("seeds", [0])),
+        baselines=_baselines(data.get("baselines", list(BASELINES))),
         eval=_check_eval(data.get("eval")),
         resources=_build(Resources, data.get("resources"), "resources").validate(),
-        storage=_abs(storage, cwd),
+        storage=_storage(data.get("storage", "runs/sweeps"), cwd),
         mlflow=_build(Tracking, data.get("mlflow"), "mlflow"),
         description=description,
         paper=data.get("paper"),
@@ -439,6 +449,21 @@ def check_resources(resources: Resources, nodes: list[dict[str, float]], where: 
         SpecError: a bundle no node can hold, or more than all nodes together hold.
     """
     bundles = resources.bundles()
+    _check_each_bundle_fits(bundles, nodes, where)
+    trials = _trials_side_by_side(bundles, nodes)
+    if trials == 0:
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+        raise SpecError(
+            f"resources: one trial needs {resources.workers} workers × "
+            f"{{CPU: {resources.cpus_per_worker}, GPU: {resources.gpus_per_worker}}} plus "
+            f"{bundles[0]} of its own, more than {where} holds ({total}); lower "
+            f"resources.workers or the per-worker request"
+        )
+    return trials
+
+
+def _check_each_bundle_fits(bundles: list[dict[str, float]], nodes: list[dict[str, float]], where: str) -> None:
+    """Each bundle alone (the trial's own, then a worker's) fits on some node."""
     for i, bundle in enumerate(bundles):
         if not any(_fits(bundle, n) for n in nodes):
             what = "the trial itself" if i == 0 else "one worker"
@@ -447,25 +472,20 @@ def check_resources(resources: Resources, nodes: list[dict[str, float]], where: 
                 f"resources: {what} asks for {bundle}, but no node of {where} has that much (largest: "
                 f"{biggest}); lower resources.cpus_per_worker / gpus_per_worker, or add such nodes"
             )
+
+
+def _trials_side_by_side(bundles: list[dict[str, float]], nodes: list[dict[str, float]], cap: int = 4096) -> int:
+    """How many whole trials (all their bundles) fit on the nodes at once, placed first-fit (at most ``cap``)."""
     left = [dict(n) for n in nodes]
     trials = 0
-    while True:  # first-fit: how many whole trials fit side by side
+    while trials < cap:
         trial_left = [dict(n) for n in left]
         for bundle in bundles:
             node = next((n for n in trial_left if _fits(bundle, n)), None)
             if node is None:
-                if trials == 0:
-                    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
-                    raise SpecError(
-                        f"resources: one trial needs {resources.workers} workers × "
-                        f"{{CPU: {resources.cpus_per_worker}, GPU: {resources.gpus_per_worker}}} plus "
-                        f"{bundles[0]} of its own, more than {where} holds ({total}); lower "
-                        f"resources.workers or the per-worker request"
-                    )
                 return trials
             for k, v in bundle.items():
                 node[k] -= v
         left = trial_left
         trials += 1
-        if trials >= 4096:
-            return trials
+    return trials

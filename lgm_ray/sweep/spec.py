@@ -5,8 +5,7 @@ evaluation backbones, the run settings shared by every trial (any :class:`~lgm_r
 field), the ablation axes (any ``DistillConfig`` field → a list of values), the distillation seeds,
 the baselines, the probe settings, the resources of a trial, where results go and where MLflow is.
 Every run field keeps its one default in ``DistillConfig`` and every probe field its one default in
-the signature of :func:`lgm_ray.evaluate.protocol.evaluate`; types and choices are read from those, never
-copied here. The grid is ``datasets × backbones × ablation points × seeds``; each point is one trial
+:class:`~lgm_ray.evaluate.config.EvalConfig`; types and choices are read from those, never copied here. The grid is ``datasets × backbones × ablation points × seeds``; each point is one trial
 (:meth:`SweepSpec.grid`).
 
 This module holds the classes a spec is made of, which the driver, the trials and the report use.
@@ -33,9 +32,7 @@ run elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +40,9 @@ from typing import Any
 
 from lgm_ray.common.errors import InputError
 from lgm_ray.distill.config import DistillConfig
+from lgm_ray.evaluate.config import EvalConfig
+from lgm_ray.results.folder import SweepFolder
+from lgm_ray.results.labels import ablation_label, point_key
 
 
 class SpecError(InputError):
@@ -58,9 +58,6 @@ GRID_FIELDS = {
     "device": "resources.gpus_per_worker (a trial runs on cuda when it has GPUs)",
     "workers": "resources.workers",
 }
-# Probe settings a spec may set (those of them lgm_ray.evaluate.protocol.evaluate takes); their defaults and
-# types come from evaluate's signature.
-EVAL_CANDIDATES = ("epochs", "seeds", "batch", "full_mode", "split")
 # Baselines computed once per (dataset, evaluation backbone); "neighbors" depends on each distilled
 # set and runs inside its trial.
 SHARED_BASELINES = ("random", "centroids", "full")
@@ -75,11 +72,16 @@ def run_field_types() -> dict[str, Any]:
 
 
 def eval_defaults() -> dict[str, Any]:
-    """The probe settings a spec may override, with their defaults from ``evaluate``'s signature."""
-    from lgm_ray.evaluate.protocol import evaluate
+    """The probe settings a spec's ``eval:`` may set (:attr:`EvalConfig.SWEEP_FIELDS`), with their defaults."""
+    return EvalConfig.defaults(EvalConfig.SWEEP_FIELDS)
 
-    params = inspect.signature(evaluate).parameters
-    return {name: params[name].default for name in EVAL_CANDIDATES if name in params}
+
+def run_eval_config(settings: dict[str, Any], run: DistillConfig, **changes: Any) -> EvalConfig:
+    """How a run's set (or a baseline next to it) is evaluated: the spec's probe ``settings`` (its
+    :meth:`SweepSpec.eval_settings`) plus the run's own :attr:`EvalConfig.RUN_FIELDS` (preprocessing,
+    output form, device) from its config, then ``changes``; it is scored as it was distilled."""
+    own = {name: getattr(run, name) for name in EvalConfig.RUN_FIELDS}
+    return EvalConfig(**{**settings, **own, **changes})
 
 
 # ---------------------------------------------------------------- the spec
@@ -144,7 +146,7 @@ class Resources:
         """The Tune trial's own request (``tune.with_resources``), on top of its workers'.
 
         Ray refuses an all-zero request, and a trial holding a CPU its workers need can deadlock
-        (DESIGN §5); ``{"cpu": 0, "memory": 1 MiB}`` is the smallest request Ray accepts.
+        (docs/design.md §5); ``{"cpu": 0, "memory": 1 MiB}`` is the smallest request Ray accepts.
         """
         if self.workers == 0:
             return {"cpu": self.cpus_per_worker, "gpu": self.gpus_per_worker}
@@ -212,15 +214,6 @@ class TrialPoint:
         return cls(**data)
 
 
-def ablation_label(ablation: dict[str, Any]) -> str:
-    """``param=pixel, aug=none``; ``default`` for the point with no ablation axes."""
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in ablation.items()) or "default"
-
-
-def _fmt(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 SPEC_KEYS = (
     "name",
     "description",
@@ -260,8 +253,8 @@ class SweepSpec:
             all), so a cross-model sweep can ablate one backbone without multiplying the rest.
         seeds: distillation seeds.
         baselines: real-image baselines (``random``, ``centroids``, ``neighbors``, ``full``).
-        eval: probe settings (``epochs``, ``seeds``, ``batch``, ``full_mode``), defaults from
-            :func:`lgm_ray.evaluate.protocol.evaluate`.
+        eval: probe settings (:attr:`EvalConfig.SWEEP_FIELDS`: ``epochs``, ``seeds``, ``batch``,
+            ``full_mode``, ``split``), defaults from :class:`~lgm_ray.evaluate.config.EvalConfig`.
         resources: what a trial asks of the cluster.
         storage: folder holding the sweep's folder (absolute; shared on a multi-node cluster).
         mlflow: tracking URI and experiment.
@@ -291,6 +284,11 @@ class SweepSpec:
     def sweep_dir(self) -> Path:
         return Path(self.storage) / self.name
 
+    @property
+    def folder(self) -> SweepFolder:
+        """The sweep's folder (every path in it is named by :class:`SweepFolder`)."""
+        return SweepFolder(self.sweep_dir)
+
     def dataset(self, name: str) -> Dataset:
         return next(d for d in self.datasets if d.name == name)
 
@@ -298,8 +296,8 @@ class SweepSpec:
         """The run settings shared by every trial (``DistillConfig`` defaults + ``config``)."""
         return DistillConfig.from_dict(self.config, source="config")
 
-    def eval_kwargs(self) -> dict[str, Any]:
-        """Probe settings: ``evaluate``'s defaults overridden by the spec's ``eval``."""
+    def eval_settings(self) -> dict[str, Any]:
+        """Probe settings (:attr:`EvalConfig.SWEEP_FIELDS`): ``EvalConfig``'s defaults overridden by ``eval``."""
         return {**eval_defaults(), **self.eval}
 
     @property
@@ -322,11 +320,9 @@ class SweepSpec:
                 "shards": ds.shards,
                 "seed": seed,
                 "device": "cuda" if self.resources.use_gpu else "cpu",
+                "workers": self.resources.workers,
             }
-            if "workers" in run_field_types():
-                cfg["workers"] = self.resources.workers
-            parts = [ds.name, backbone, *(f"{k}={_fmt(v)}" for k, v in ablation.items()), f"seed{seed}"]
-            key = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts))
+            key = point_key(ds.name, backbone, ablation, seed)
             points.append(TrialPoint(key, ds.name, backbone, seed, ablation, cfg))
         return points
 
@@ -337,5 +333,5 @@ class SweepSpec:
         out["config"] = self.base_config().to_dict()
         for k in ("backbone", "shards", "seed", "out", "device"):
             out["config"].pop(k, None)
-        out["eval"] = self.eval_kwargs()
+        out["eval"] = self.eval_settings()
         return out

@@ -22,11 +22,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lgm_ray.shards.__main__ import main, verify
+from lgm_ray.shards.__main__ import main
 from lgm_ray.shards.decode import crop_array, resize_short
 from lgm_ray.shards.format import ShardError
 from lgm_ray.shards.index import index
 from lgm_ray.shards.reader import ShardSet
+from lgm_ray.shards.verify import verify
 
 NAMES = ["tench", "goldfish", "great white shark"]
 
@@ -162,6 +163,7 @@ def test_label_from_a_json_field_and_names_by_index(jpeg_json: Path, tmp_path: P
 def test_index_distill_evaluate(layout: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from lgm_ray.distill.config import DistillConfig
     from lgm_ray.distill.run import run_distill
+    from lgm_ray.evaluate.config import EvalConfig
     from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset
 
     root = request.getfixturevalue(layout)
@@ -177,9 +179,10 @@ def test_index_distill_evaluate(layout: str, request: pytest.FixtureRequest, tmp
     assert summary["steps"] == 2 and all(np.isfinite(summary["losses"]))
     payload = torch.load(tmp_path / "run" / "synset.pt", weights_only=False)
     assert payload["class_names"] == NAMES and payload["images"].shape == (3, 3, 16, 16)
-    kw = {"real_res": 16, "crop_res": 16, "epochs": 2, "seeds": 1, "cache_dir": str(tmp_path / "cache")}
-    mine = evaluate_synset(payload["images"], payload["labels"], cfg.backbone, shards, **kw)
-    base = evaluate_baseline("random", cfg.backbone, shards, **kw)
+    settings = EvalConfig(real_res=16, crop_res=16, epochs=2, seeds=1)
+    cache = str(tmp_path / "cache")
+    mine = evaluate_synset(payload["images"], payload["labels"], cfg.backbone, shards, settings, cache_dir=cache)
+    base = evaluate_baseline("random", cfg.backbone, shards, settings, cache_dir=cache)
     for r in (mine, base):
         assert r["num_classes"] == 3 and 0.0 <= r["top1_mean"] <= 100.0
 
@@ -251,7 +254,8 @@ def _broken(tmp_path: Path, edit: dict[int, dict]) -> Path:
     return tmp_path / "src"
 
 
-def test_pattern_that_matches_nothing(jpeg_json: Path, tmp_path: Path) -> None:
+def test_pattern_that_matches_nothing(jpeg_json: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "set"
     with pytest.raises(ShardError, match=r"matches no shard .*brace range"):
         index(str(jpeg_json / "imagenet-tain-{000000..000002}.tar"), out=str(out))
@@ -259,7 +263,10 @@ def test_pattern_that_matches_nothing(jpeg_json: Path, tmp_path: Path) -> None:
         index(str(jpeg_json / "imagenet-train-{000000..000005}.tar"), out=str(out))
     with pytest.raises(ShardError, match="matches no shard"):
         ShardSet(str(jpeg_json / "nothing-*.tar"))
-    assert main(["index", str(jpeg_json / "x-{0..3}.tar"), "--out", str(out)]) == 1
+    capsys.readouterr()
+    assert main(["index", str(jpeg_json / "x-{0..3}.tar"), "--out", str(out)]) == 2  # bad input
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "matches no shard" in err
     assert not out.exists()
 
 

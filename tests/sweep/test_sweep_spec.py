@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 
 from lgm_ray.backbones import list_backbones
+from lgm_ray.common.errors import InputError
+from lgm_ray.distill.config import DistillConfig
+from lgm_ray.evaluate.config import EvalConfig
+from lgm_ray.results.labels import ablation_label, point_key
 from lgm_ray.sweep.parse import check_resources, load_spec, parse_spec
-from lgm_ray.sweep.spec import Resources, SpecError, eval_defaults
+from lgm_ray.sweep.spec import Resources, SpecError, eval_defaults, run_eval_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = [b for b in list_backbones() if b.startswith("digits_")]
 
 
@@ -53,7 +57,7 @@ def test_demo_spec_resolves_from_the_run_config_and_the_registry():
     # The point {} is the config file's own run: keys other points set keep the file's values.
     plain = next(p for p in points if p.ablation == {} and p.backbone == "digits_simclr_cnn")
     assert (plain.resolved(out="x").init, plain.resolved(out="x").aug) == ("real", "standard")
-    assert s.eval_kwargs()["epochs"] == 1000 and s.eval_kwargs()["seeds"] == 3
+    assert s.eval_settings()["epochs"] == 1000 and s.eval_settings()["seeds"] == 3
 
 
 def test_paper_specs_name_the_paper_grids():
@@ -134,7 +138,9 @@ def test_empty_axis_bad_values_and_grid_fields_name_the_field(tmp_path):
     fails(tmp_path, "ablations.aug lists a value twice", ablations={"aug": ["none", "none"]})
     fails(tmp_path, "seeds.*twice", seeds=[1, 1])
     fails(tmp_path, "backbones is empty", backbones=[])
-    fails(tmp_path, "eval.epochs.*≥ 1", eval={"epochs": 0})
+    fails(tmp_path, "eval.epochs.*positive integer", eval={"epochs": 0})
+    fails(tmp_path, "eval.full_mode.*'quick'.*fast", eval={"full_mode": "quick"})
+    fails(tmp_path, "eval: unknown key 'device'", eval={"device": "cuda"})  # a run's own setting
     fails(tmp_path, "resources.workers.*≥ 0", resources={"workers": -1})
     fails(tmp_path, "storage.*shared", storage="s3://bucket/x")
 
@@ -161,14 +167,49 @@ def test_relative_paths_are_made_absolute_from_the_working_directory(tmp_path):
     assert s.sweep_dir == tmp_path / "runs" / "t"
 
 
-def test_eval_defaults_come_from_evaluate():
-    import inspect
+def test_eval_defaults_come_from_eval_config(tmp_path):
+    assert eval_defaults() == EvalConfig.defaults(EvalConfig.SWEEP_FIELDS)
+    assert set(eval_defaults()) == set(EvalConfig.SWEEP_FIELDS)
+    assert eval_defaults()["epochs"] == EvalConfig().epochs and eval_defaults()["seeds"] == EvalConfig().seeds
+    s = parse_spec(spec(tmp_path, eval={"epochs": 7}), check_paths=False)
+    assert s.eval_settings() == {**EvalConfig.defaults(EvalConfig.SWEEP_FIELDS), "epochs": 7}
+    assert s.to_dict()["eval"] == s.eval_settings()
 
-    from lgm_ray.evaluate.protocol import evaluate
 
-    params = inspect.signature(evaluate).parameters
-    assert eval_defaults()["epochs"] == params["epochs"].default
-    assert eval_defaults()["seeds"] == params["seeds"].default
+def test_a_run_is_evaluated_with_the_spec_probe_settings_and_its_own_preprocessing(tmp_path):
+    s = parse_spec(spec(tmp_path, eval={"epochs": 7, "split": "val"}), check_paths=False)
+    run = DistillConfig(real_res=32, crop_res=28, normalization="imagenet", raw_output=True, device="cpu")
+    cfg = run_eval_config(s.eval_settings(), run)
+    assert isinstance(cfg, EvalConfig)
+    assert (cfg.epochs, cfg.split, cfg.seeds) == (7, "val", EvalConfig().seeds)
+    assert {n: getattr(cfg, n) for n in EvalConfig.RUN_FIELDS} == {n: getattr(run, n) for n in EvalConfig.RUN_FIELDS}
+    assert run_eval_config(s.eval_settings(), run, ipc=3).ipc == 3
+
+
+def test_point_names_come_from_results_labels(tmp_path):
+    """The report names a finished sweep's points with lgm_ray.results.labels, without importing the sweep."""
+    s = parse_spec(spec(tmp_path, ablations={"color": [True, False]}, seeds=[0]), check_paths=False)
+    for p in s.grid():
+        assert p.ablation_label == ablation_label(p.ablation)
+        assert p.key == point_key(p.dataset, p.backbone, p.ablation, p.seed)
+    assert [p.key for p in s.grid()] == ["digits-digits_simclr_cnn-color=true-seed0",
+                                         "digits-digits_simclr_cnn-color=false-seed0"]
+    assert ablation_label({}) == "default" and ablation_label({"param": "pixel", "aug": "none"}) == (
+        "param=pixel, aug=none")
+    assert point_key("my data", "b", {"x": "a/b"}, 1) == "my_data-b-x=a_b-seed1"
+
+
+def test_spec_error_is_an_input_error_and_the_command_prints_one_line(tmp_path, capsys):
+    from lgm_ray.sweep.__main__ import main
+
+    assert issubclass(SpecError, InputError)
+    assert main([str(tmp_path / "nowhere.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: spec file") and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\ndatasets: {digits: x}\nbackbones: [digits_simclr_cnn]\nconfig: {stpes: 3}\n")
+    assert main([str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("error: config: unknown run field 'stpes'")
 
 
 def test_resources_the_cluster_can_never_provide():
@@ -181,7 +222,7 @@ def test_resources_the_cluster_can_never_provide():
     with pytest.raises(SpecError, match="asks for .*GPU.*no node of the cluster"):
         check_resources(Resources(workers=2, gpus_per_worker=1), one_node)
     two_nodes = [{"CPU": 2.0, "memory": mem}, {"CPU": 2.0, "memory": mem}]
-    # K workers: the trial itself holds no CPU (DESIGN §5), so 3 workers fit on 4 CPUs, once
+    # K workers: the trial itself holds no CPU (docs/design.md §5), so 3 workers fit on 4 CPUs, once
     assert Resources(workers=3).trial_resources() == {"cpu": 0, "memory": 1 << 20}
     assert check_resources(Resources(workers=3), two_nodes) == 1
     assert check_resources(Resources(workers=2), two_nodes) == 2

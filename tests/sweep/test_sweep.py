@@ -7,7 +7,6 @@ not the quality of the sets.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,9 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lgm_ray.results.folder import SweepFolder
 from lgm_ray.sweep.__main__ import main
-from lgm_ray.sweep.mlflow_runs import STATE_FILE
-from lgm_ray.sweep.trial import RESULT_FILE
 
 pytestmark = pytest.mark.slow
 BACKBONE = "digits_simclr_cnn"
@@ -113,7 +111,7 @@ def test_two_node_cluster_sweep_with_ray_train_workers_in_every_trial(tmp_path, 
     """Two nodes of two CPUs, trials of two Ray Train workers spread over both nodes.
 
     The cluster holds exactly two such trials at once; a trial asking a CPU for itself on top of its
-    workers would starve them (DESIGN §5), so finishing at all is part of the test.
+    workers would starve them (docs/design.md §5), so finishing at all is part of the test.
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -138,10 +136,9 @@ def test_two_node_cluster_sweep_with_ray_train_workers_in_every_trial(tmp_path, 
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-    results = [
-        json.loads(p.read_text()) for p in (tmp_path / "runs" / "two_nodes").glob(f"*/run/{RESULT_FILE}")
-    ]
-    assert len(results) == 2
+    runs = SweepFolder(tmp_path / "runs" / "two_nodes").runs()
+    results = [run.read_result() for run in runs.values()]
+    assert len(results) == 2 and None not in results
     for r in results:
         workers = r["summary"]["per_worker"]
         assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, "one worker on each node"
@@ -154,16 +151,7 @@ def test_two_node_cluster_sweep_with_ray_train_workers_in_every_trial(tmp_path, 
     assert parent.info.status == "FINISHED"
 
 
-# ---------------------------------------------------------------- one local Ray for the rest
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+# ---------------------------------------------------------------- one local Ray for the rest (conftest's local_ray)
 
 
 @pytest.mark.timeout(900)
@@ -248,6 +236,9 @@ def test_sweep_against_an_mlflow_server_with_a_failing_dataset(
 
 @pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, digits_shards, local_ray):
+    """The first run is a command of its own with a Ray of its own, slowed by the loop's test knob (the
+    environment variable reaches its trials because its Ray starts in that environment); SIGINT stops it;
+    the resume runs here, on this module's Ray."""
     spec = write_spec(
         tmp_path,
         "resume",
@@ -255,24 +246,28 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, dig
         baselines=["full"],
         seeds=[0, 1, 2],
         resources={"max_concurrent_trials": 1},
-        config={"steps": 8, "step_delay": 0.4},
+        config={"steps": 8},
     )
-    sweep_dir = tmp_path / "runs" / "resume"
+    folder = SweepFolder(tmp_path / "runs" / "resume")
+    env = {**os.environ, "LGM_RAY_TEST_STEP_DELAY": "0.4"}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lgm_ray.sweep.driver", str(spec), "--address", local_ray],
+        [sys.executable, "-m", "lgm_ray.sweep", str(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
     done, started = None, None
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        finished = list(sweep_dir.glob(f"*/run/{RESULT_FILE}"))
-        ckpts = [
-            p for p in sweep_dir.glob("*/run/checkpoints/step_*") if not (p.parents[1] / RESULT_FILE).exists()
+        runs = folder.runs()
+        finished = [run for run in runs.values() if run.result.exists()]
+        mid_way = [
+            key for key, run in runs.items() if not run.result.exists() and run.latest_checkpoint() is not None
         ]
-        if finished and ckpts:
-            done, started = finished[0], ckpts[0].parents[1]
+        if finished and mid_way:
+            done, started = finished[0], mid_way[0]
             break
         time.sleep(0.2)
     if done is None:
@@ -282,31 +277,31 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, dig
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     assert "--resume" in out
-    before = done.read_text(), done.stat().st_mtime_ns
+    before = done.result.read_text(), done.result.stat().st_mtime_ns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, parent, _ = sweep_runs(uri, "resume")
     assert parent.info.status == "KILLED"
 
     assert main([str(spec)]) == 2  # an existing sweep is never overwritten without --resume
     assert main([str(spec), "--resume"]) == 0
-    assert (done.read_text(), done.stat().st_mtime_ns) == before, "a finished trial was run again"
-    results = {p.parents[1].name: json.loads(p.read_text()) for p in sweep_dir.glob(f"*/run/{RESULT_FILE}")}
-    assert len(results) == 3
-    assert results[started.parent.name]["resumed_from_step"] >= 2, (
-        "the interrupted trial continued its checkpoint"
-    )
-    assert len(results[started.parent.name]["summary"]["losses"]) == 8
+    assert (done.result.read_text(), done.result.stat().st_mtime_ns) == before, "a finished trial was run again"
+    results = {key: run.read_result() for key, run in folder.runs().items()}
+    assert len(results) == 3 and None not in results.values()
+    assert results[started]["resumed_from_step"] >= 2, "the interrupted trial continued its checkpoint"
+    assert len(results[started]["summary"]["losses"]) == 8
     _, parent, children = sweep_runs(uri, "resume")
     trials = [r for r in children if r.data.tags["lgm_ray.kind"] == "trial"]
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)  # no duplicate runs
     assert parent.info.status == "FINISHED"
-    assert json.loads((sweep_dir / STATE_FILE).read_text())["parent_run_id"] == parent.info.run_id
+    assert folder.read_state()["parent_run_id"] == parent.info.run_id
 
 
 def test_bad_specs_fail_before_any_trial(tmp_path, digits_shards, local_ray, capsys):
     bad = write_spec(tmp_path, "bad", {"digits": digits_shards}, ablations={"parma": ["pixel"]})
     assert main([str(bad)]) == 2
-    assert "did you mean 'param'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1  # one line, the common form
+    assert "did you mean 'param'" in err
     gpu = write_spec(
         tmp_path, "gpu", {"digits": digits_shards}, resources={"workers": 0, "gpus_per_worker": 1}
     )

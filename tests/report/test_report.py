@@ -1,8 +1,9 @@
 """The sweep report: built from a sweep folder and from MLflow, checked as files, in headless Chromium,
 and in the MLflow UI served by ``mlflow server``.
 
-The sweep folder is made here in :mod:`lgm_ray.sweep.driver`'s layout (no Ray, no distillation): three
-finished trials — the demo backbone on two ablation points, and a second distillation backbone that
+The sweep folder is written here through the writers the sweep itself uses — :class:`SweepFolder` (spec,
+grid points, state, baselines) and :class:`RunFolder` (grids, synset.pt, result.json, error.txt) — so a
+drift between writer and reader fails these tests (no Ray, no distillation): three finished trials — the demo backbone on two ablation points, and a second distillation backbone that
 is not in the registry (its embedding map is skipped, as for a set whose backbone is not at hand) —
 one failed trial, three baselines, all logged to MLflow as the sweep logs them
 (:func:`lgm_ray.sweep.mlflow_runs.log_trial_result`). Known numbers go in; the tests look for them on the page.
@@ -23,10 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from lgm_ray.report.build import build_report, main
-from lgm_ray.report.load import ReportError, paper_comparison
+from lgm_ray.distill.run_folder import RunFolder
+from lgm_ray.report.build import build_report
+from lgm_ray.report.frames import paper_comparison
+from lgm_ray.report.load import ReportError
+from lgm_ray.results.folder import SweepFolder
+from lgm_ray.results.labels import ablation_label, point_key
 
 BACKBONE = "digits_simclr_cnn"
 OTHER = "digits_other_vit"  # a distillation backbone of the sweep that this machine does not have
@@ -43,12 +47,8 @@ PAPER = {"columns": [BACKBONE, OTHER, "avg"], "distilled": [63.0, 75.0, 69.0], "
 STEPS = (10, 20, 30)
 
 
-def _label(ablation: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in ablation.items()) or "default"
-
-
 def _key(backbone: str, ablation: dict) -> str:
-    return "-".join(["digits", backbone, *(f"{k}={v}" for k, v in ablation.items()), "seed0"])
+    return point_key("digits", backbone, ablation, 0)
 
 
 def _eval(top1: list[float]) -> dict:
@@ -58,77 +58,93 @@ def _eval(top1: list[float]) -> dict:
             "top5_mean": 100.0, "top5_std": 0.0}
 
 
-def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS, name: str = "report_test",
-               steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT) -> Path:
-    """A sweep folder in lgm_ray.sweep.driver's layout, logged to MLflow as the sweep logs it when ``tracking_uri``."""
-    from lgm_ray.core.seeds import generator
-    from lgm_ray.core.synset import synset_payload
-    from lgm_ray.distill.run import save_grid
-    from lgm_ray.results.tracking import Tracker
-
-    sweep = root / name
-    sweep.mkdir(parents=True)
+def _spec(name: str, shards: str, trials) -> dict:
     backbones = list(dict.fromkeys(b for b, *_ in trials))
-    ablations = list({_label(a): a for _, a, *_ in trials}.values())
-    spec = {"name": name, "description": "a made-up sweep for the report tests",
+    ablations = list({ablation_label(a): a for _, a, *_ in trials}.values())
+    return {"name": name, "description": "a made-up sweep for the report tests",
             "datasets": {"digits": {"shards": shards, "build": None}}, "backbones": backbones,
             "eval_backbones": [BACKBONE, OTHER], "ablations": ablations, "seeds": [0],
             "baselines": list(BASELINES), "eval": {"epochs": 10, "seeds": 2, "split": "test"}, "paper": PAPER}
-    (sweep / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    grid = {_key(b, a): {"key": _key(b, a), "dataset": "digits", "backbone": b, "seed": 0, "ablation": a,
-                         "config": {}} for b, a, *_ in trials}
-    if failed:  # and one point that has not started yet
-        for a in ({"param": "broken"}, {"param": "later"}):
-            grid[_key(BACKBONE, a)] = {"key": _key(BACKBONE, a), "dataset": "digits", "backbone": BACKBONE,
-                                       "seed": 0, "ablation": a, "config": {}}
-    (sweep / "trials.json").write_text(json.dumps(grid))
+
+
+def _points(trials, failed: bool) -> dict[str, dict]:
+    """trials.json as the driver writes it (``TrialPoint.to_dict()``), with a failed and a not-started point."""
+    from lgm_ray.sweep.spec import TrialPoint
+
+    ablations = [a for _, a, *_ in trials]
+    backbones = [b for b, *_ in trials]
+    if failed:
+        ablations += [{"param": "broken"}, {"param": "later"}]
+        backbones += [BACKBONE, BACKBONE]
+    points = [TrialPoint(_key(b, a), "digits", b, 0, a, {}) for b, a in zip(backbones, ablations, strict=True)]
+    return {p.key: p.to_dict() for p in points}
+
+
+def _write_trial(run: RunFolder, key: str, backbone: str, ablation: dict, shards: str, steps, n_losses: int,
+                 top1_own: list[float], top1_other: list[float]) -> None:
+    """A finished trial's run folder, written through :class:`RunFolder` as the distillation and the trial do."""
+    from lgm_ray.core.seeds import generator
+    from lgm_ray.core.synset import synset_payload
+    from lgm_ray.distill.config import write_yaml
+
+    run.root.mkdir(parents=True)
+    cfg = {"backbone": backbone, "shards": shards, "seed": 0, "real_res": 32, "crop_res": 32,
+           "normalization": "native", "weights": None, "ipc": 1, "param": "pyramid", **ablation}
+    write_yaml(cfg, run.config)
+    for step in steps:
+        run.save_grid(torch.rand(10, 3, 32, 32, generator=generator("report-test", key, step)), 1, step)
+    images = torch.rand(10, 3, 32, 32, generator=generator("report-test", key))
+    run.save_synset(synset_payload(images, torch.arange(10), class_names=CLASS_NAMES, num_classes=10, config=cfg,
+                                   backbone=backbone, steps=steps[-1]))
+    run.save_grid(images, 1)
+    losses = [1.0 - 0.5 * i / n_losses + 0.01 * (i % 3) for i in range(n_losses)]
+    run.write_result({"key": key, "dataset": "digits", "backbone": backbone, "seed": 0,
+                      "ablation": ablation_label(ablation), "ablation_values": ablation,
+                      "summary": {"steps": steps[-1], "final_loss": losses[-1], "losses": losses, "seconds": 1.0,
+                                  "images_per_s": 100.0},
+                      "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}})
+
+
+def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS, name: str = "report_test",
+               steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT) -> Path:
+    """A sweep folder written through :class:`SweepFolder` and :class:`RunFolder` (the sweep's writers), logged
+    to MLflow as the sweep logs it when ``tracking_uri``."""
+    from lgm_ray.results.tracking import Tracker
+
+    folder = SweepFolder(root / name)
+    folder.root.mkdir(parents=True)
+    folder.write_spec(_spec(name, shards, trials))
+    folder.write_points(_points(trials, failed))
     tracker = parent = exp = None
     if tracking_uri:
         tracker = Tracker(tracking_uri)
         exp = tracker.experiment(experiment)
         parent = tracker.start_parent(exp, name)
-        tracker.log_artifact(parent, sweep / "spec.yaml")
-        (sweep / "sweep_state.json").write_text(json.dumps(
-            {"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": exp, "parent_run_id": parent}))
+        tracker.log_artifact(parent, folder.spec)
+        folder.write_state({"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": exp,
+                            "parent_run_id": parent})
     for backbone, ablation, top1_own, top1_other in trials:
         key = _key(backbone, ablation)
-        run = sweep / key / "run"
-        (run / "grids").mkdir(parents=True)
-        cfg = {"backbone": backbone, "shards": shards, "seed": 0, "real_res": 32, "crop_res": 32,
-               "normalization": "native", "weights": None, "ipc": 1, "param": "pyramid", **ablation}
-        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-        for step in steps:
-            g = generator("report-test", key, step)
-            save_grid(torch.rand(10, 3, 32, 32, generator=g), run / "grids" / f"step_{step:07d}.png", 1)
-        images = torch.rand(10, 3, 32, 32, generator=generator("report-test", key))
-        torch.save(synset_payload(images, torch.arange(10), class_names=CLASS_NAMES, num_classes=10, config=cfg,
-                                  backbone=backbone, steps=steps[-1]), run / "synset.pt")
-        save_grid(images, run / "grid.png", 1)
-        losses = [1.0 - 0.5 * i / n_losses + 0.01 * (i % 3) for i in range(n_losses)]
-        result = {"key": key, "dataset": "digits", "backbone": backbone, "seed": 0, "ablation": _label(ablation),
-                  "ablation_values": ablation,
-                  "summary": {"steps": steps[-1], "final_loss": losses[-1], "losses": losses, "seconds": 1.0,
-                              "images_per_s": 100.0},
-                  "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}}
-        (run / "result.json").write_text(json.dumps(result))
+        _write_trial(folder.run(key), key, backbone, ablation, shards, steps, n_losses, top1_own, top1_other)
         if tracker:
             from lgm_ray.sweep.mlflow_runs import log_trial_result
 
             child = tracker.child(exp, parent, key, tags={"dataset": "digits", "distill_backbone": backbone})
-            log_trial_result(tracker, child, run)
+            log_trial_result(tracker, child, folder.run(key))
             tracker.finish(child)
-    if failed:
+    if failed:  # one failed point (the other, "later", has not started)
         key = _key(BACKBONE, {"param": "broken"})
-        run = sweep / key / "run"
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text(yaml.safe_dump({"backbone": BACKBONE, "shards": shards, "seed": 0}))
-        (run / "error.txt").write_text("Traceback ...\nShardError: shard test-000000.tar: sha256 mismatch\n")
+        run = folder.run(key)
+        run.root.mkdir(parents=True)
+        from lgm_ray.distill.config import write_yaml
+
+        write_yaml({"backbone": BACKBONE, "shards": shards, "seed": 0}, run.config)
+        run.write_error("Traceback ...\nShardError: shard test-000000.tar: sha256 mismatch\n")
         if tracker:
-            tracker.fail(tracker.child(exp, parent, key), (run / "error.txt").read_text())
-    (sweep / "baselines").mkdir()
+            tracker.fail(tracker.child(exp, parent, key), run.error.read_text())
     for kind, top1 in BASELINES.items():
         rec = {"dataset": "digits", "baseline": kind, "backbone": BACKBONE, **_eval(top1)}
-        (sweep / "baselines" / f"digits__{BACKBONE}__{kind}.json").write_text(json.dumps(rec))
+        folder.write_baseline("digits", BACKBONE, kind, rec)
         if tracker:
             run_id = tracker.child(exp, parent, f"baseline-digits-{BACKBONE}-{kind}", kind="baseline",
                                    tags={"dataset": "digits", "eval_backbone": BACKBONE, "baseline": kind})
@@ -136,7 +152,7 @@ def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS,
             tracker.finish(run_id)
     if tracker:
         tracker.finish(parent)
-    return sweep
+    return folder.root
 
 
 class _Page(HTMLParser):
@@ -275,7 +291,7 @@ def test_figures_are_artifacts_of_the_parent_run_and_maps_of_the_child_runs(repo
 
     from lgm_ray.results.tracking import Tracker
 
-    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    state = SweepFolder(sweep_dir).read_state()
     client = MlflowClient(store)
     parent = state["parent_run_id"]
     figures = {a.path for a in client.list_artifacts(parent, "report/figures")}
@@ -313,6 +329,8 @@ def test_bad_sources_and_folders_fail_with_one_message(tmp_path, capsys, store, 
     (tmp_path / "d").mkdir()
     with pytest.raises(ReportError, match="not a sweep folder"):
         build_report(tmp_path / "d", tmp_path / "e")
+    from lgm_ray.report.__main__ import main
+
     assert main([str(tmp_path / "d"), "--out", str(tmp_path / "f")]) == 2
     assert capsys.readouterr().err.count("error:") == 1
 
@@ -431,7 +449,7 @@ def test_mlflow_ui_lists_the_sweep_and_shows_a_child_grid(mlflow_server, tmp_pat
     base = mlflow_server
     sweep = make_sweep(tmp_path, digits_shards, base, trials=TRIALS[:2], name="ui_test", experiment="ui-test")
     build_report(sweep, tmp_path / "report", embeddings=False)
-    state = json.loads((sweep / "sweep_state.json").read_text())
+    state = SweepFolder(sweep).read_state()
     exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="ui-test")["experiment"]
     req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                  data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),

@@ -1,7 +1,9 @@
 """One distillation on K Ray Train workers: exact against one process, elastic, surviving a lost worker.
 
-Real Ray (a local instance for the module; ``ray.cluster_utils.Cluster`` for two nodes), real
-shards, real checkpoints through ``ray.train.report``.
+Real Ray (the ``local_ray`` fixture: a local instance of the module's own; ``ray.cluster_utils.Cluster``
+for two nodes), real shards, real checkpoints through ``ray.train.report``. The runs that a test kills
+mid-way are slowed by the loop's test hook (``LGM_RAY_TEST_STEP_DELAY``), which reaches the workers
+although it is set after the module's Ray started.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import pytest
 import torch
 
 from lgm_ray.distill.__main__ import main
-from lgm_ray.distill.checkpoints import latest_checkpoint
+from lgm_ray.distill.checkpoints import class_file
 from lgm_ray.distill.config import ConfigError, DistillConfig
+from lgm_ray.distill.loop import TEST_STEP_DELAY
 from lgm_ray.distill.run import run_distill
+from lgm_ray.distill.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +35,11 @@ def _cfg(shards: str, out: Path, **kw) -> DistillConfig:
 
 
 def _images(out: Path) -> torch.Tensor:
-    return torch.load(Path(out) / "synset.pt", weights_only=False)["images"]
+    return RunFolder(out).load_synset()["images"]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def single(digits_shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_local, digits_shards, tmp_path_factory):
+def two_workers(local_ray, digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("k2") / "run"
     return out, run_distill(_cfg(digits_shards, out, workers=2))
 
@@ -72,7 +66,7 @@ def test_two_workers_equal_one_process(single, two_workers):
     assert all(p["peak_memory_mb"] > 0 and p["reduce_seconds"] > 0 for p in per)
 
 
-def test_three_workers_uneven_classes_equal_one_process(ray_local, single, digits_shards, tmp_path):
+def test_three_workers_uneven_classes_equal_one_process(local_ray, single, digits_shards, tmp_path):
     s_out, s_sum = single
     summary = run_distill(_cfg(digits_shards, tmp_path / "k3", workers=3))
     assert [p["classes"] for p in summary["per_worker"]] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -80,18 +74,19 @@ def test_three_workers_uneven_classes_equal_one_process(ray_local, single, digit
     assert _rel(_images(tmp_path / "k3"), _images(s_out)) < 1e-4
 
 
-def test_a_rerun_on_the_same_workers_is_bit_identical(ray_local, two_workers, digits_shards, tmp_path):
+def test_a_rerun_on_the_same_workers_is_bit_identical(local_ray, two_workers, digits_shards, tmp_path):
     run_distill(_cfg(digits_shards, tmp_path / "again", workers=2))
     assert torch.equal(_images(tmp_path / "again"), _images(two_workers[0]))
 
 
-def test_resume_on_another_number_of_workers(ray_local, single, digits_shards, tmp_path):
+def test_resume_on_another_number_of_workers(local_ray, single, digits_shards, tmp_path):
     """Checkpointed by 3 workers at step 8, continued on 2 workers, then extended on one process."""
     out = tmp_path / "elastic"
     run_distill(_cfg(digits_shards, out, workers=3, steps=8))
-    ckpt = latest_checkpoint(out / "ray")
-    assert ckpt.step == 8 and sorted(p.name for p in ckpt.path.glob("classes-rank*.pt")) == [
-        "classes-rank0.pt", "classes-rank1.pt", "classes-rank2.pt"]
+    folder = RunFolder(out)
+    ckpt = folder.latest_checkpoint()
+    assert ckpt.path.is_relative_to(folder.ray) and ckpt.path.name == folder.checkpoint_name(8)
+    assert ckpt.step == 8 and sorted(ckpt.path.glob("classes-rank*.pt")) == [ckpt.path / class_file(r) for r in range(3)]
     run_distill(_cfg(digits_shards, out, workers=2, steps=10), resume=True)
     summary = run_distill(_cfg(digits_shards, out, workers=0, steps=STEPS), resume=True)
     s_out, s_sum = single
@@ -136,7 +131,7 @@ class _Killer(threading.Thread):
     def run(self) -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            ckpt = latest_checkpoint(self.out / "ray")
+            ckpt = RunFolder(self.out).latest_checkpoint()
             if ckpt is not None and ckpt.step >= self.step:
                 break
             time.sleep(0.05)
@@ -155,40 +150,47 @@ def _kill_a_worker_after(out: Path, step: int, delay: float = 0.0) -> _Killer:
 
 @pytest.mark.parametrize("delay", [0.0, 1.5])
 def test_a_lost_worker_restarts_from_the_last_checkpoint_with_the_same_images(
-        ray_local, two_workers, digits_shards, tmp_path, delay):
+        local_ray, two_workers, digits_shards, tmp_path, delay, monkeypatch):
     """Killed right after a checkpoint (which Train may not have recorded yet) or a few steps past it."""
     out = tmp_path / "lost"
+    monkeypatch.setenv(TEST_STEP_DELAY, "0.25")
     killer = _kill_a_worker_after(out, 4, delay)
-    summary = run_distill(_cfg(digits_shards, out, workers=2, step_delay=0.25, max_failures=2))
+    t0 = time.monotonic()
+    summary = run_distill(_cfg(digits_shards, out, workers=2, max_failures=2))
     killer.join(timeout=5)
     assert killer.killed is not None, "no Ray Train worker process was found to kill"
     assert summary["steps"] == STEPS
     # The workers that finished are a new group: the killed process is not among them.
     assert killer.killed not in {w["pid"] for w in summary["per_worker"]}
     assert torch.equal(_images(out), _images(two_workers[0]))
+    # The hook reached the workers: the last group alone ran at least 12 − 8 steps of 0.25 s.
+    assert summary["per_worker"][0]["seconds"] >= 0.25 * summary["per_worker"][0]["steps_run"] >= 1.0
+    assert time.monotonic() - t0 > 0.25 * STEPS
 
 
-def test_spent_retries_fail_clearly_and_the_same_command_resumes(ray_local, two_workers, digits_shards, tmp_path,
-                                                               capsys):
+def test_spent_retries_fail_clearly_and_the_same_command_resumes(local_ray, two_workers, digits_shards, tmp_path,
+                                                               capsys, monkeypatch):
     out = tmp_path / "spent"
     args = ["--shards", digits_shards, "--syn-res", "16", "--real-res", "16", "--crop-res", "16",
             "--augs-per-batch", "2", "--pyramid-extent", "4", "--steps", str(STEPS), "--ckpt-every", "4",
             "--log-every", "4", "--lr", "0.01", "--seed", "3", "--workers", "2", "--out", str(out)]
     killer = _kill_a_worker_after(out, 4, 0.5)
+    monkeypatch.setenv(TEST_STEP_DELAY, "0.25")
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--step-delay", "0.25", "--max-failures", "0"])
+        main([*args, "--max-failures", "0"])
+    monkeypatch.delenv(TEST_STEP_DELAY)
     killer.join(timeout=5)
     assert killer.killed is not None
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "failed more than max_failures = 0" in err and "Checkpoint kept:" in err and "--resume" in err
-    kept = latest_checkpoint(out / "ray")
-    assert kept is not None and 4 <= kept.step < STEPS
+    kept = RunFolder(out).latest_checkpoint()
+    assert kept is not None and kept.path.is_relative_to(RunFolder(out).ray) and 4 <= kept.step < STEPS
     main([*args, "--resume"])
     assert torch.equal(_images(out), _images(two_workers[0]))
 
 
-def test_bad_worker_requests_fail_before_any_step(ray_local, digits_shards, tmp_path):
+def test_bad_worker_requests_fail_before_any_step(local_ray, digits_shards, tmp_path):
     with pytest.raises(ConfigError, match="11 workers for 10 classes"):
         run_distill(_cfg(digits_shards, tmp_path / "a", workers=11, real_streams=16))
     with pytest.raises(ConfigError, match="GPU"):
@@ -199,7 +201,7 @@ def test_bad_worker_requests_fail_before_any_step(ray_local, digits_shards, tmp_
 
     with pytest.raises(BackboneWeightsError):
         run_distill(_cfg(digits_shards, tmp_path / "d", workers=2, weights=str(tmp_path / "missing.pt")))
-    assert not any((tmp_path / n / "ray").exists() for n in "abcd")
+    assert not any(RunFolder(tmp_path / n).ray.exists() for n in "abcd")
 
 
 def test_two_nodes_strict_spread_gives_the_same_images(two_workers, digits_shards, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lgm_ray.common.errors import InputError
-from lgm_ray.core.synset import SynsetFileError, synset_payload
+from lgm_ray.core.synset import SynsetFileError, load_synset_file, synset_payload
 from lgm_ray.evaluate import baselines as bl
 from lgm_ray.evaluate.feature_cache import EvaluationInputError
 
@@ -77,24 +77,24 @@ def test_synset_class_checks(shards, tmp_path: Path):
         bl.check_synset_classes(torch.tensor([0, 1, 2, 4, 5, 6, 8, 9]), shards)
 
 
-def test_load_synset_errors(tmp_path: Path):
+def test_the_one_synset_loader_errors(tmp_path: Path):
     with pytest.raises(SynsetFileError, match="does not exist; pass the synset.pt") as missing:
-        bl.load_synset(tmp_path / "nope.pt")
+        load_synset_file(tmp_path / "nope.pt")
     assert isinstance(missing.value, InputError)  # every command reports it as bad input (exit 2)
     bad = tmp_path / "bad.pt"
     torch.save({"pixels": torch.zeros(1)}, bad)
     with pytest.raises(SynsetFileError, match="is not a synthetic set"):
-        bl.load_synset(bad)
+        load_synset_file(bad)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
     with pytest.raises(SynsetFileError, match="cannot load synthetic set"):
-        bl.load_synset(junk)
+        load_synset_file(junk)
     out_of_range = tmp_path / "range.pt"
     torch.save({"images": torch.full((1, 3, 4, 4), 2.0), "labels": torch.tensor([0])}, out_of_range)
     with pytest.raises(SynsetFileError, match="must lie in \\[0, 1\\]"):
-        bl.load_synset(out_of_range)
+        load_synset_file(out_of_range)
     good = tmp_path / "good.pt"
     images = torch.rand(2, 3, 8, 8)
     torch.save(synset_payload(images, torch.tensor([0, 1]), class_names=["a", "b"]), good)
-    loaded = bl.load_synset(good)
+    loaded = load_synset_file(good)
     assert torch.equal(loaded["images"], images) and loaded["labels"].tolist() == [0, 1]

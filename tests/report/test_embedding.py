@@ -12,7 +12,6 @@ import torch
 from lgm_ray.report.embedding import (
     EmbeddingInputError,
     embed_set,
-    main,
     periphery,
     plot_embedding,
     project_2d,
@@ -110,7 +109,14 @@ def test_embed_set_map_points_and_plot(tmp_path):
     with Image.open(png) as im:
         assert im.size[0] > 400 and im.size[1] > 300
 
-    tsne = embed_set(real, ry, syn, sy, method="tsne", max_real_per_class=8)
+
+@pytest.mark.slow
+def test_embed_set_tsne_map():
+    """t-SNE embeds real points, means and distilled points together (sklearn; 15–25 s on 2 busy cores)."""
+    rng = np.random.default_rng(1)
+    real, ry, centres = _clusters(rng)
+    tsne = embed_set(real, ry, centres * 1.8, np.arange(6), method="tsne", max_real_per_class=8)
+    assert tsne.method == "tsne" and tsne.classes == list(range(6))
     assert np.isfinite(tsne.points[["x", "y"]].to_numpy()).all() and len(tsne.points) == 48 + 6 + 6
 
 
@@ -170,16 +176,25 @@ def test_set_features_reads_the_split_through_the_cache(real_test_set, digits_sh
         set_features(real_test_set, digits_shards, cache_dir=tmp_path / "empty", max_uncached=100)
 
 
-def test_cli_writes_map_numbers_and_summary(real_test_set, tmp_path, capsys):
-    torch.save(real_test_set, tmp_path / "synset.pt")
-    out = tmp_path / "map.png"
-    assert main(["--synset", str(tmp_path / "synset.pt"), "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
-    summary = json.loads(out.with_suffix(".json").read_text())
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["median_percentile"] == summary["median_percentile"] < 100
+def test_map_and_numbers_of_a_saved_set(real_test_set, tmp_path):
+    """What the report does with one saved set: read it through the validated loader, its features by its own
+    backbone on the shards its config names, then its map and periphery numbers."""
     import pandas as pd
 
-    assert len(pd.read_parquet(out.with_suffix(".parquet"))) == 10
+    from lgm_ray.common.errors import InputError
+    from lgm_ray.core.synset import SynsetFileError, load_synset_file
+
+    torch.save(real_test_set, tmp_path / "synset.pt")
+    payload = load_synset_file(tmp_path / "synset.pt")
+    feats = set_features(payload, payload["config"]["shards"], cache_dir=tmp_path / "cache")
+    emb = embed_set(feats.real_features, feats.real_labels, feats.syn_features, payload["labels"],
+                    class_names=feats.class_names, num_classes=feats.num_classes)
+    out = plot_embedding(emb, payload["images"], tmp_path / "map.png", f"synset.pt on {feats.backbone} (test)")
     assert out.stat().st_size > 10_000
-    assert main(["--synset", str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
-    assert "error:" in capsys.readouterr().err
+    emb.periphery.to_parquet(tmp_path / "map.parquet", index=False)
+    assert len(pd.read_parquet(tmp_path / "map.parquet")) == 10
+    assert emb.summary["median_percentile"] < 100  # real images sit inside their class
+    assert json.loads(json.dumps(emb.summary)) == emb.summary  # the summary is plain numbers (MLflow metrics)
+    with pytest.raises(SynsetFileError, match="does not exist") as missing:
+        load_synset_file(tmp_path / "missing.pt")
+    assert isinstance(missing.value, InputError)  # a command prints it as one `error: …` line, exit 2

@@ -19,25 +19,51 @@ from torch import nn
 from lgm_ray import backbones
 from lgm_ray.backbones import registry
 from lgm_ray.distill.__main__ import main
-from lgm_ray.distill.checkpoints import latest_checkpoint
+from lgm_ray.distill.checkpoints import class_file, read_checkpoint
 from lgm_ray.distill.config import REFERENCE_PRESET, DistillConfig
+from lgm_ray.distill.config import load_yaml as load_config
+from lgm_ray.distill.loop import TEST_STEP_DELAY
+from lgm_ray.distill.run_folder import RunFolder
 
 FAST = ["--shards", "digits", "--syn-res", "16", "--real-res", "16", "--crop-res", "16",
         "--augs-per-batch", "2", "--pyramid-extent", "4", "--log-every", "5"]
 
 
-def _run_cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lgm_ray.distill.run", *args], stdout=subprocess.PIPE,
+def _run_cli(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "lgm_ray.distill", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
+def _payload(out: Path) -> dict:
+    return RunFolder(out).load_synset()
+
+
 def _images(out: Path) -> torch.Tensor:
-    return torch.load(out / "synset.pt", weights_only=False)["images"]
+    return _payload(out)["images"]
 
 
 def _state(out: Path) -> dict:
-    return torch.load(out / "synset.pt", weights_only=False)["synset_state"]
+    return _payload(out)["synset_state"]
+
+
+def _latest_step(out: Path) -> int | None:
+    ckpt = RunFolder(out).latest_checkpoint()
+    return None if ckpt is None else ckpt.step
+
+
+def test_the_run_folder_layout_is_the_documented_one(tmp_path):
+    """The names the README and the module docs promise (every other test goes through RunFolder)."""
+    f = RunFolder(tmp_path)
+    assert (f.synset.name, f.grid.name, f.config.name, f.result.name, f.error.name) == (
+        "synset.pt", "grid.png", "config.yaml", "result.json", "error.txt")
+    assert f.grid_at(3) == tmp_path / "grids" / "step_0000003.png" and f.step_of(f.grid_at(3)) == 3
+    assert f.checkpoint_at(6) == tmp_path / "checkpoints" / "step_0000006"
+    assert f.checkpoint_roots() == [tmp_path / "checkpoints", tmp_path / "ray"]
+    assert f.resumed_config(10).name == "config.resumed_at_10.yaml"
+    assert RunFolder.next_attempt(tmp_path) == "attempt-0"
+    (tmp_path / "attempt-0").mkdir()
+    assert RunFolder.next_attempt(tmp_path) == "attempt-1"
 
 
 def test_run_writes_synset_grids_config_checkpoints_and_a_json_summary(tmp_path, capsys):
@@ -49,16 +75,18 @@ def test_run_writes_synset_grids_config_checkpoints_and_a_json_summary(tmp_path,
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0 and summary["images_per_s"] > 0
     assert len(summary["losses"]) == 6 and summary["final_loss"] == summary["losses"][-1]
     assert "step 5/6" in printed.err and "it/s" in printed.err and "img/s" in printed.err
-    payload = torch.load(out / "synset.pt", weights_only=False)
+    folder = RunFolder(out)
+    payload = folder.load_synset()
     assert payload["images"].shape == (20, 3, 16, 16) and payload["images"].dtype == torch.float32
     assert payload["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     assert payload["class_names"] == [str(i) for i in range(10)]
-    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_0000003.png", "step_0000006.png"]
-    assert (out / "grid.png").stat().st_size > 0
-    assert DistillConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())).ipc == 2
-    ckpt = latest_checkpoint(out / "checkpoints")
+    assert sorted(folder.grids.iterdir()) == folder.grid_paths() == [folder.grid_at(3), folder.grid_at(6)]
+    assert folder.grid.stat().st_size > 0
+    assert DistillConfig.from_dict(load_config(folder.config)).ipc == 2
+    ckpt = folder.latest_checkpoint()
+    assert ckpt.path == folder.checkpoint_at(6)
     assert ckpt.step == 6 and ckpt.meta["n_levels"] == 2  # grew before step 4 (0-based)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    assert sorted(folder.checkpoints.iterdir()) == [folder.checkpoint_at(3), folder.checkpoint_at(6)]
 
 
 def test_loss_goes_down_on_digits(tmp_path):
@@ -72,7 +100,7 @@ def test_config_file_and_flags(tmp_path):
     cfg.write_text("steps: 2\nipc: 3\nsyn_res: 8\nreal_res: 8\ncrop_res: 8\naugs_per_batch: 1\nlr: 1e-2\n")
     out = tmp_path / "o"
     main(["--config", str(cfg), "--ipc", "1", "--out", str(out)])
-    resolved = DistillConfig.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    resolved = DistillConfig.from_dict(load_config(RunFolder(out).config))
     assert (resolved.ipc, resolved.steps, resolved.syn_res, resolved.lr) == (1, 2, 8, 0.01)
 
 
@@ -92,7 +120,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert __import__("re").search(message, err[0]), err[0]
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert not RunFolder(tmp_path / "o").checkpoints.exists()
 
 
 def test_unknown_config_key_suggests_the_nearest(tmp_path, capsys):
@@ -129,7 +157,7 @@ def test_existing_run_is_never_overwritten_and_changed_settings_are_refused(tmp_
             main([*FAST, "--steps", "4", "--out", str(out), *extra])
         assert key in capsys.readouterr().err
     assert torch.equal(_images(out), before)
-    assert latest_checkpoint(out / "checkpoints").step == 2
+    assert _latest_step(out) == 2
 
 
 @pytest.mark.parametrize("ablation", [["--param", "pixel"], ["--aug", "none"], ["--no-color"], ["--no-aug-real"],
@@ -161,7 +189,7 @@ def test_reference_preset_turns_on_every_reference_setting_and_explicit_fields_w
 
 def test_reference_preset_grows_the_pyramid_one_step_later(tmp_path):
     def levels(out, step):
-        return json.loads((out / "checkpoints" / f"step_{step:07d}" / "meta.json").read_text())["n_levels"]
+        return read_checkpoint(RunFolder(out).checkpoint_at(step)).meta["n_levels"]
 
     main([*FAST, "--steps", "6", "--ckpt-every", "5", "--out", str(tmp_path / "l")])
     main([*FAST, "--steps", "6", "--ckpt-every", "5", "--out", str(tmp_path / "r"), "--pyramid-offset", "1"])
@@ -181,16 +209,17 @@ def straight20(tmp_path_factory):
 
 def test_killed_run_resumes_bit_identically_from_a_step_ckpt_every_does_not_divide(tmp_path, straight20):
     out = tmp_path / "killed"
-    victim = _run_cli([*ARGS, "--steps", "20", "--ckpt-every", "7", "--out", str(out), "--step-delay", "0.3"])
+    # The test hook slows the victim to 0.3 s a step; the resumed run goes at full speed.
+    victim = _run_cli([*ARGS, "--steps", "20", "--ckpt-every", "7", "--out", str(out)], env={TEST_STEP_DELAY: "0.3"})
     deadline = time.time() + 300
-    while latest_checkpoint(out / "checkpoints") is None and time.time() < deadline:
+    while _latest_step(out) is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.7)  # a few steps past the checkpoint at 7
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL  # it really died mid-run
-    assert latest_checkpoint(out / "checkpoints").step == 7
-    assert not (out / "synset.pt").exists()
+    assert _latest_step(out) == 7
+    assert not RunFolder(out).synset.exists()
     resumed = _run_cli([*ARGS, "--steps", "20", "--ckpt-every", "7", "--out", str(out), "--resume"])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     assert "resumed from step 7" in resumed.stderr.read()
@@ -202,12 +231,13 @@ def test_killed_run_resumes_bit_identically_from_a_step_ckpt_every_does_not_divi
 def test_extending_a_finished_run_equals_a_straight_run(tmp_path, straight20):
     out = tmp_path / "ext"
     main([*ARGS, "--steps", "10", "--ckpt-every", "10", "--out", str(out)])
-    first_config = (out / "config.yaml").read_text()
+    folder = RunFolder(out)
+    first_config = folder.config.read_text()
     main([*ARGS, "--steps", "20", "--ckpt-every", "10", "--out", str(out), "--resume"])
     assert torch.equal(_images(straight20), _images(out))
     # The first half's config stays; the resumed settings are written beside it.
-    assert (out / "config.yaml").read_text() == first_config
-    assert "steps: 20" in (out / "config.resumed_at_10.yaml").read_text()
+    assert folder.config.read_text() == first_config
+    assert load_config(folder.resumed_config(10))["steps"] == 20
 
 
 def test_checkpoint_interval_does_not_change_the_images(tmp_path, straight20):
@@ -259,7 +289,7 @@ def test_steps_that_stay_non_finite_are_skipped_counted_and_stop_the_run(tmp_pat
                     "--max-skipped-steps", "5", "--out", str(out)])
     assert summary["skipped_steps"] == 3
     state = _state(out)
-    ref = torch.load(latest_checkpoint(out / "checkpoints").path / "classes-rank0.pt", weights_only=True)
+    ref = torch.load(RunFolder(out).latest_checkpoint().path / class_file(0), weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values())
     assert ref["adam_step"] == 0  # no optimiser step was ever applied
     assert "non-finite gradient" in capsys.readouterr().err
@@ -270,8 +300,9 @@ def test_steps_that_stay_non_finite_are_skipped_counted_and_stop_the_run(tmp_pat
               "--ckpt-every", "2", "--max-skipped-steps", "3", "--out", str(out2)])
     assert exc.value.code == 1
     err = capsys.readouterr().err
-    assert "4 steps had non-finite gradients" in err and "step_0000002" in err
-    assert latest_checkpoint(out2 / "checkpoints").step == 2  # the last good checkpoint is kept
+    assert "4 steps had non-finite gradients" in err
+    assert _latest_step(out2) == 2  # the last good checkpoint is kept
+    assert RunFolder(out2).checkpoint_name(2) in err
 
 
 def test_distills_from_webdataset_shards(tmp_path):
@@ -280,7 +311,7 @@ def test_distills_from_webdataset_shards(tmp_path):
     root = tmp_path / "shards"
     assert shards_main(["build", "digits", "--out", str(root), "--real-res", "16", "--shard-size", "400"]) == 0
     summary = main([*FAST, "--shards", str(root), "--steps", "3", "--ckpt-every", "2", "--out", str(tmp_path / "o")])
-    payload = torch.load(tmp_path / "o" / "synset.pt", weights_only=False)
+    payload = _payload(tmp_path / "o")
     assert summary["steps"] == 3
     assert payload["class_names"] == [str(i) for i in range(10)]
 
@@ -303,7 +334,7 @@ def test_real_init_starts_from_one_real_train_image_per_class(tmp_path, param):
     # lr ≈ 0: the saved set is its start. Every row must be a real digits train image of its class.
     main([*FAST, "--steps", "1", "--grey", "--param", param, "--init", "real", "--lr", "1e-12",
           "--out", str(tmp_path / "r")])
-    payload = torch.load(tmp_path / "r" / "synset.pt", weights_only=False)
+    payload = _payload(tmp_path / "r")
     images, labels = payload["images"], payload["labels"]
     train_x, train_y = load_digits_split("train", res=16)
     real = train_x.clamp(REAL_INIT_EPS, 1 - REAL_INIT_EPS).mean(dim=1)
@@ -328,3 +359,23 @@ def test_real_init_changes_the_resume_key(tmp_path, capsys):
         main([*FAST, "--steps", "4", "--init", "real", "--out", str(out), "--resume"])
     assert info.value.code != 0
     assert "init" in capsys.readouterr().err
+
+
+def test_choices_and_image_sides_are_core_s_and_the_test_hook_is_no_flag(tmp_path, monkeypatch, capsys):
+    from lgm_ray.backbones.frozen import NORMALIZATIONS
+    from lgm_ray.core import augment, defaults, matching, synset
+    from lgm_ray.distill.config import CHOICES
+
+    assert CHOICES["param"] is synset.PARAMETERISATIONS and CHOICES["init"] is synset.INITS
+    assert CHOICES["aug"] is augment.MODES and CHOICES["aug_padding"] is augment.PADDINGS
+    assert CHOICES["normalization"] is NORMALIZATIONS and CHOICES["amp"] == tuple(matching.AMP_DTYPES)
+    cfg = DistillConfig()
+    assert (cfg.real_res, cfg.crop_res, cfg.syn_res) == (defaults.REAL_RES, defaults.CROP_RES, defaults.SYN_RES)
+    assert "step_delay" not in DistillConfig.field_names()
+    with pytest.raises(SystemExit):
+        main([*FAST, "--steps", "1", "--step-delay", "0.1", "--out", str(tmp_path / "flag")])
+    assert "unrecognized arguments: --step-delay" in capsys.readouterr().err
+    # The hook, from the environment: 3 steps of at least 0.3 s each.
+    monkeypatch.setenv(TEST_STEP_DELAY, "0.3")
+    summary = main([*FAST, "--steps", "3", "--out", str(tmp_path / "slow")])
+    assert summary["steps"] == 3 and summary["seconds"] >= 0.9

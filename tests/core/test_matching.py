@@ -62,7 +62,7 @@ def _setup(num_classes: int, ipc: int, augs: int, seed: int = 0):
 
 
 def _reference_grads(net, syn, x_real, y_real, w, b, real_params, syn_params, augs):
-    """DESIGN §1: autograd through the whole batch with create_graph=True (second order)."""
+    """docs/design.md §1: autograd through the whole batch with create_graph=True (second order)."""
     syn.zero_grad()
     loss = reference_step(net, syn.render(), syn.labels, augs, syn_params, x_real, y_real, real_params, SPEC, w, b)
     return loss, [p.grad.clone() for p in syn.parameters()]
