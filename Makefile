@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_EVAL := --backbone digits_simclr_cnn --shards shards/digits --real-res 32 --crop-res 32
 
-.PHONY: install demo demo-run test lint clean-demo
+.PHONY: install demo demo-run test test-fast lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,13 @@ demo-run: install shards/digits/manifest.json
 lint: install
 	$(PY) -m ruff check lgm_ray tests benchmarks scripts
 
+# The whole suite.
 test: install lint
 	$(PY) -m pytest -q
+
+# Every test not marked slow (the quick check while working).
+test-fast: install lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean-demo:
 	rm -rf runs/demo shards/digits

@@ -128,6 +128,7 @@ def test_corrupt_or_foreign_weights_are_clear_errors(name: str, tmp_path: Path) 
         create_backbone(name, weights=DIGITS_CNN_WEIGHTS)  # a real state_dict, of another model
 
 
+@pytest.mark.slow  # 5-fold CV of four C values on 1,150 samples: 40–45 s per backbone on 2 busy cores
 @pytest.mark.parametrize("name", DEMO)
 def test_linear_probe_on_full_train_reaches_95_percent(name: str, digits) -> None:
     """Logistic regression on frozen features, its C chosen by 5-fold CV on train (never on test)."""

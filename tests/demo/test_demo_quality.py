@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lgm_ray.distill.__main__ import main as distill_main
+from lgm_ray.evaluate import EvalConfig, evaluate_baseline, evaluate_synset
 from lgm_ray.evaluate.legibility import digits_pixel_classifier, legibility
-from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "digits_demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "digits_demo.yaml"
 DEMO_BACKBONES = ["digits_simclr_cnn", "digits_simclr_vit", "digits_simclr_mixer"]
 # The short run (300 steps, 2 probe seeds) starts from random real images (init: real) and must beat them
 # by the 15 points, and the centroid images by 3 (the 5 hold for the full run: README, "Demo";
@@ -38,10 +38,11 @@ def test_demo_distils_legible_digits_that_beat_random_real_images(tmp_path, digi
                   "--out", str(out), "--log-every", "100"])
     payload = torch.load(out / "synset.pt", weights_only=False)
     # The paper's 1,000 probe epochs: with 300 the ViT's probe is far from converged on 10 images.
-    common = {"real_res": 32, "crop_res": 32, "epochs": 1000, "seeds": 2, "cache_dir": tmp_path / "cache"}
-    distilled = evaluate_synset(payload["images"], payload["labels"], backbone, digits_shards, **common)
-    random = evaluate_baseline("random", backbone, digits_shards, **common)
-    centroids = evaluate_baseline("centroids", backbone, digits_shards, **common)
+    cfg = EvalConfig(real_res=32, crop_res=32, epochs=1000, seeds=2, split="test")
+    cache = tmp_path / "cache"
+    distilled = evaluate_synset(payload["images"], payload["labels"], backbone, digits_shards, cfg, cache_dir=cache)
+    random = evaluate_baseline("random", backbone, digits_shards, cfg, cache_dir=cache)
+    centroids = evaluate_baseline("centroids", backbone, digits_shards, cfg, cache_dir=cache)
     got = {"distilled": distilled["top1_mean"], "random": random["top1_mean"], "centroids": centroids["top1_mean"]}
     assert distilled["n_train"] == 10
     # Same-model margins of the short run (the full run's are in the README table).
