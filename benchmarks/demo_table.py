@@ -58,6 +58,7 @@ import yaml
 from lgm_ray.backbones import create_backbone
 from lgm_ray.distill.config import DistillConfig, load_yaml
 from lgm_ray.distill.run import run_distill
+from lgm_ray.evaluate.config import EvalConfig
 from lgm_ray.evaluate.feature_cache import backbone_fingerprint
 from lgm_ray.evaluate.legibility import PixelClassifier, legibility
 from lgm_ray.evaluate.protocol import evaluate_baseline, evaluate_synset, synset_settings
@@ -263,6 +264,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
     reader = PixelClassifier.fit(train_x, train_y, res=leg_res)
     held_x, held_y = split_images(shards, args.split, res)
     common: dict[str, Any] = dict(split=args.split, seeds=args.seeds, cache_dir=args.out / "cache")
+    probe = EvalConfig(split=args.split, seeds=args.seeds)  # the cache key keeps `common`'s form
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "shards": str(shards),
                                "res": res, "legibility_res": leg_res,
                                "pixel_classifier_top1": 100 * reader.accuracy(held_x, held_y),
@@ -286,19 +288,23 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             p = sets[a]
             key = {"cell": "distilled", "set": p["config"], "set_digest": p["digest"], "eval": b,
                    "weights": digests[b], "epochs": args.epochs, **common}
-            r = cached(args.out, key, lambda p=p, b=b: evaluate_synset(
-                p["images"], p["labels"], b, shards, epochs=args.epochs, **common, **synset_settings(p, b)))
+            cfg_b = probe.replace(epochs=args.epochs, **synset_settings(p, b))
+            r = cached(args.out, key, lambda p=p, b=b, cfg_b=cfg_b: evaluate_synset(
+                p["images"], p["labels"], b, shards, cfg_b, cache_dir=common["cache_dir"]))
             results["distilled"][f"{a}->{b}"] = r
             print(f"distilled {a} -> {b}: {r['top1_mean']:.2f} ± {r['top1_std']:.2f}", file=sys.stderr)
         for base in BASELINES:
-            kw: dict[str, Any] = dict(real_res=res, crop_res=res, **common)
+            kw: dict[str, Any] = dict(cache_dir=common["cache_dir"])
+            cfg_b = probe.replace(real_res=res, crop_res=res)
             key = {"cell": base, "eval": b, "weights": digests[b], "shards": str(shards), "res": res, **common}
             if base == "neighbors":
                 kw.update(images=sets[b]["images"], labels=sets[b]["labels"])
                 key["set_digest"] = sets[b]["digest"]
             if base != "full":
-                kw["epochs"] = key["epochs"] = args.epochs
-            r = cached(args.out, key, lambda base=base, b=b, kw=kw: evaluate_baseline(base, b, shards, **kw))
+                cfg_b = cfg_b.replace(epochs=args.epochs)
+                key["epochs"] = args.epochs
+            r = cached(args.out, key, lambda base=base, b=b, kw=kw, cfg_b=cfg_b: evaluate_baseline(
+                base, b, shards, cfg_b, **kw))
             results["baselines"][f"{base}@{b}"] = r
             print(f"{base} @ {b}: {r['top1_mean']:.2f} ± {r['top1_std']:.2f}", file=sys.stderr)
     results["checks"] = checks(results, backbones)
