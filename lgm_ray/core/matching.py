@@ -19,7 +19,6 @@ in as arguments.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 
 from lgm_ray.core.augment import AugParams, AugSpec, apply, sample_params
 from lgm_ray.core.seeds import derive_seed  # noqa: F401  (re-exported: the step's seeds)
-
-Backbone = Callable[[torch.Tensor], torch.Tensor]
+from lgm_ray.core.views import Backbone, ViewPass, _autocast, _chunks
 
 
 def draw_head(
@@ -85,17 +83,6 @@ def amp_dtype(name: str) -> torch.dtype | None:
     return AMP_DTYPES[name]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _chunks(n: int, size: int | None) -> list[slice]:
-    size = n if not size or size >= n else size
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def real_grad(
     backbone: Backbone,
     x: torch.Tensor,
@@ -146,49 +133,12 @@ def shard_views(owned: torch.Tensor, num_images: int, augs: int) -> tuple[torch.
     return rows, pos[layout[rows]]
 
 
-def _scaled_input_grad(
-    z: torch.Tensor, src: torch.Tensor, dz: torch.Tensor, amp_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``∂(z·dz)/∂src`` with ``dz`` scaled to unit max before the backward and unscaled after.
-
-    ``dz`` carries a ``1/M`` factor and is tiny; in fp16 the backward through the backbone would
-    underflow. Scaling by a power of two is exact. Under fp16 autocast an overflow can happen in any
-    half-precision layer inside the backbone even when ``z`` itself is fp32 (every backbone ends in a
-    LayerNorm, which autocast runs in fp32), so the check is on the input gradient and the retry
-    follows the autocast dtype: the scale backs off by 2⁸ up to three times. A gradient that stays
-    non-finite is returned as it is; the step sees it and is skipped (never applied).
-    """
-    peak = dz.abs().max()
-    if not torch.isfinite(peak):
-        return torch.full_like(src, float("nan"))
-    if peak == 0:
-        return torch.zeros_like(src)
-    scale = 2.0 ** float(torch.floor(-torch.log2(peak)))
-    # Only fp16 can overflow and need a second try; keeping the graph otherwise would hold a
-    # micro-batch's activations alive into the next one and double the peak memory.
-    retry = amp_dtype == torch.float16
-    for attempt in range(4 if retry else 1):
-        last = attempt == (3 if retry else 0)
-        (grad,) = torch.autograd.grad(z, src, grad_outputs=(dz * scale).to(z.dtype), retain_graph=retry and not last)
-        if torch.isfinite(grad).all() or last:
-            return grad.float() / scale
-        scale /= 2.0**8
-    raise AssertionError("unreachable")
-
-
-class SynPass:
-    """The synthetic side of one step for the views this process owns.
+class SynPass(ViewPass):
+    """The synthetic side of one LGM step for the views this process owns: :class:`ViewPass` plus the head.
 
     Args:
-        backbone: frozen feature extractor (inputs in [0, 1] at ``spec.crop_res``).
-        images: rendered synthetic images this process owns (N_local×3×R×R), with their graph to
-            the parameters; :meth:`backward` back-propagates into it.
-        labels: their labels (N_local).
-        view_images: for each local view, the row of ``images`` it augments.
-        params: the local views' augmentation parameters (same order as ``view_images``).
-        spec: the augmentation.
-        micro_batch: views per forward in the two-pass form; ``None`` = one pass with the graph kept.
-        amp_dtype: ``torch.bfloat16`` / ``torch.float16`` to run the backbone under autocast.
+        backbone, images, view_images, params, spec, micro_batch, amp_dtype: :class:`ViewPass`'s.
+        labels: the images' labels (N_local).
     """
 
     def __init__(
@@ -203,63 +153,23 @@ class SynPass:
         micro_batch: int | None = None,
         amp_dtype: torch.dtype | None = None,
     ) -> None:
-        self.backbone = backbone
-        self.images = images
-        self.leaf = images.detach().requires_grad_(True)
-        self.view_images = view_images.to(images.device)
+        super().__init__(backbone, images, view_images, params, spec, micro_batch=micro_batch, amp_dtype=amp_dtype)
         self.view_labels = labels.to(images.device)[self.view_images]
-        self.params = params
-        self.spec = spec
-        self.micro_batch = micro_batch
-        self.amp_dtype = amp_dtype
-        self.z: torch.Tensor | None = None
-        self._z_graph: torch.Tensor | None = None
-        self._src: torch.Tensor | None = None
 
-    def _features(self, sl: slice, src: torch.Tensor) -> torch.Tensor:
-        with _autocast(src.device, self.amp_dtype):
-            return self.backbone(apply(src, self.params.select(sl), self.spec))
-
-    def forward(self, w: torch.Tensor, b: torch.Tensor, total: int) -> torch.Tensor:
+    def forward(self, w: torch.Tensor, b: torch.Tensor, total: int) -> torch.Tensor:  # type: ignore[override]
         """Partial ``G_syn`` of the local views (normalised by the global view count ``total``)."""
         dev = self.leaf.device
-        w, b = w.to(dev), b.to(dev)
-        n = len(self.view_images)
-        if self.micro_batch is None or self.micro_batch >= n:
-            src = self.leaf[self.view_images].detach().requires_grad_(True)
-            with torch.enable_grad():
-                self._z_graph = self._features(slice(0, n), src)
-            self._src = src
-            self.z = self._z_graph.detach().float()
-        else:
-            with torch.no_grad():
-                zs = [self._features(sl, self.leaf[self.view_images[sl]]) for sl in _chunks(n, self.micro_batch)]
-            self.z = torch.cat(zs).float()
-        return head_grad(self.z, self.view_labels, w, b, total)
+        return head_grad(super().forward(), self.view_labels, w.to(dev), b.to(dev), total)
 
-    def backward(
+    def backward(  # type: ignore[override]
         self, w: torch.Tensor, b: torch.Tensor, total: int, g: torch.Tensor, *, apply: bool = True
     ) -> torch.Tensor:
         """``∂loss/∂images`` from ``g = ∂loss/∂G_syn``; with ``apply``, also back-propagated into the parameters."""
         if self.z is None:
             raise RuntimeError("SynPass.backward called before forward")
         dev = self.leaf.device
-        w, b, g = w.to(dev), b.to(dev), g.to(dev)
-        dz = feature_grad(self.z, self.view_labels, w, b, total, g)
-        grad = torch.zeros_like(self.leaf)
-        if self._z_graph is not None:
-            grad.index_add_(0, self.view_images, _scaled_input_grad(self._z_graph, self._src, dz, self.amp_dtype))
-            self._z_graph = self._src = None
-        else:
-            for sl in _chunks(len(self.view_images), self.micro_batch):
-                src = self.leaf[self.view_images[sl]].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    z = self._features(sl, src)
-                grad.index_add_(0, self.view_images[sl], _scaled_input_grad(z, src, dz[sl], self.amp_dtype))
-                del z, src  # free this micro-batch's graph before the next forward
-        if apply and self.images.requires_grad:
-            self.images.backward(grad)
-        return grad
+        dz = feature_grad(self.z, self.view_labels, w.to(dev), b.to(dev), total, g.to(dev))
+        return super().backward(dz, apply=apply)
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
