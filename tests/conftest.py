@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +13,33 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """What the tests need of the environment, set here for the test process and every process it starts,
+    whatever the machine's (or CI's) environment holds, and undone at the end of the session:
+
+    - Ray's token: one of this session's own in a temporary file (``RAY_AUTH_TOKEN_PATH``), so that a local
+      Ray started with token authentication (Ray's default when ``RAY_AUTH_MODE`` is unset) neither reads
+      nor writes ``~/.ray/auth_token``; with ``RAY_AUTH_MODE=disabled`` the token is unused. Either mode
+      works; ``RAY_AUTH_MODE`` itself is left as the caller set it.
+    - no ``RAY_ADDRESS`` or ``RAY_AUTH_TOKEN`` inherited: each test starts (or joins) the Ray it names,
+      never one already running on the machine;
+    - Ray's usage statistics off (``RAY_USAGE_STATS_ENABLED=0``): nothing reported, no prompt;
+    - no ``MLFLOW_TRACKING_URI`` inherited; the feature cache is the session's own (``LGM_RAY_CACHE``).
+    """
+    folder = tmp_path_factory.mktemp("environment")
+    token = folder / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
+            mp.delenv(name, raising=False)
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("LGM_RAY_CACHE", str(folder / "feature_cache"))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ token), stopped by killing its process group — never `ray stop`, which would s
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,14 +51,14 @@ def token_head(tmp_path):
     temp = Path("/tmp") / f"lgmauth{port}"
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats", "--log-color=false"],
         env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         address = None
         while address is None:  # Ray replaces 127.0.0.1 by the node's own address: read it from its output
-            line = head.stdout.readline()
+            line = re.sub(r"\x1b\[[0-9;]*m", "", head.stdout.readline())  # no colour codes, whatever the terminal
             if not line and head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("ray start --head did not come up")
             if "ray start --address=" in line:
@@ -69,6 +71,7 @@ def token_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_client_without_the_token_is_refused(token_head):
