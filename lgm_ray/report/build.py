@@ -28,7 +28,7 @@ running gives a report of what has finished so far.
 
 This module holds the entry point (:func:`build_report`; the command is :mod:`lgm_ray.report.__main__`) and
 the MLflow logging; the work is in :mod:`lgm_ray.report.load` (the sweep from either source),
-:mod:`lgm_ray.report.frames` (the results and paper-comparison frames), :mod:`lgm_ray.report.figures` (PNG
+:mod:`lgm_ray.report.frames` (the sweep's tables, from :mod:`lgm_ray.results.tables`), :mod:`lgm_ray.report.figures` (PNG
 figures and embedded thumbnails), :mod:`lgm_ray.report.sections` (one renderer per section of the page) and
 :mod:`lgm_ray.report.page` (the page around them).
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lgm_ray.core.synset import SynsetFileError
 from lgm_ray.report.figures import file_uri
-from lgm_ray.report.frames import results
+from lgm_ray.report.frames import tables
 from lgm_ray.report.load import Sweep, Trial
 from lgm_ray.report.markup import esc, img
 
@@ -33,7 +33,7 @@ class ReportContext:
     Attributes:
         sweep: the loaded sweep.
         out: the report folder (``figures/`` and ``images/`` are written under it).
-        frame: the long results frame of the sweep (:func:`lgm_ray.report.frames.results`).
+        tables: every table of the sweep (:func:`lgm_ray.report.frames.tables`), computed once.
         figures: every figure written so far (for :func:`lgm_ray.report.build.log_report`).
         child_metrics: each trial's periphery metrics, by trial key (logged to its child run).
         notes: what was skipped and why, listed at the end of the page.
@@ -56,7 +56,7 @@ class ReportContext:
         self.notes: list[str] = []
         self.sources: dict = {}
         self._payloads: dict[str, dict | None] = {}
-        self.frame = results(sweep)
+        self.tables = tables(sweep)
 
     def payload(self, t: Trial) -> dict | None:
         """The trial's saved set (read once, through the validated loader); None when it has none or it is

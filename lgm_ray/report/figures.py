@@ -161,7 +161,7 @@ def evolution_png(strips: list[tuple[int, Any]], path: Path, title: str) -> Path
 
 
 def paper_png(cmp, path: Path, title: str) -> Path:
-    """Ours beside the paper's numbers (:func:`lgm_ray.report.frames.paper_comparison`'s frame) as bars."""
+    """Ours beside the paper's numbers (:func:`lgm_ray.results.tables.paper_comparison`'s frame) as bars."""
     import matplotlib
 
     matplotlib.use("Agg")

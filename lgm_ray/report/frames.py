@@ -1,96 +1,28 @@
-"""The data behind the report's tables: the long results frame and our numbers beside the paper's.
+"""The data behind the report's tables: a loaded sweep handed to the one function that computes them.
 
-Frames computed from a loaded :class:`~lgm_ray.report.load.Sweep`, with no rendering: the tables section
-(:mod:`lgm_ray.report.sections.tables`) draws them, :mod:`lgm_ray.results.tables` pivots them.
+:func:`tables` gives :func:`lgm_ray.results.tables.sweep_tables` a :class:`~lgm_ray.report.load.Sweep`'s
+spec, finished results, baselines and not-finished trials — the same function the sweep's driver writes
+``tables/`` with (through :func:`lgm_ray.results.tables.folder_tables`), so the page and the MLflow
+artifacts hold the same numbers. Nothing here computes a number; the tables section
+(:mod:`lgm_ray.report.sections.tables`) only renders what comes back.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lgm_ray.report.load import Sweep
 
-
-def results(sweep: Sweep):
-    """The long results frame (:func:`lgm_ray.results.tables.results_frame`) of the finished trials and baselines.
-
-    Baseline rows take the mean and std as recorded (a baseline child run in MLflow holds no per-seed values).
-    """
-    import pandas as pd
-
-    from lgm_ray.results.tables import METRIC_FIELDS, results_frame
-
-    frame = results_frame([t.result for t in sweep.finished], [])
-    rows = [{"dataset": b["dataset"], "training_set": b["baseline"], "distill_backbone": "", "ablation": "",
-             "eval_backbone": b["backbone"], **{m: float(b.get(m, float("nan"))) for m in METRIC_FIELDS},
-             "n_values": len(b.get("top1_per_seed") or []) or None} for b in sweep.baselines]
-    if rows:
-        frame = pd.concat([frame, pd.DataFrame(rows, columns=frame.columns)], ignore_index=True)
-    return frame
+if TYPE_CHECKING:
+    from lgm_ray.results.tables import SweepTables
 
 
-def paper_rows(paper: Any) -> tuple[list[str], dict[str, list[float]]] | None:
-    """The columns and rows of the spec's ``paper`` field, or ``None`` when it has no such form.
+def tables(sweep: Sweep) -> SweepTables:
+    """Every table of the sweep (:func:`lgm_ray.results.tables.sweep_tables`): its finished trials'
+    results, its baselines (from MLflow: mean and std as recorded), and its failed and unfinished trials,
+    whose cells the tables name."""
+    from lgm_ray.results.tables import sweep_tables, trial_state
 
-    Rows whose length differs from the columns' are left out.
-    """
-    if not isinstance(paper, dict) or not isinstance(paper.get("columns"), list):
-        return None
-    rows = {str(k): v for k, v in paper.items() if k != "columns" and isinstance(v, list)
-            and len(v) == len(paper["columns"])}
-    return [str(c) for c in paper["columns"]], rows
-
-
-def _cell(frame, row: str, col: str) -> float:
-    """``frame[row, col]``; a row named ``row`` or ``row [default]…``; NaN where there is none."""
-    if frame is None or col not in frame.columns:
-        return float("nan")
-    hits = [r for r in frame.index if r == row or r.startswith(row + " [default]")]
-    return float(frame.loc[hits[0], col]) if hits else float("nan")
-
-
-def _ours(row: str, cols: list[str], means, ablation, is_ablation: bool) -> dict[str, float]:
-    """Our numbers of one row of the paper's table, column by column (``avg``: the mean of the others)."""
-    ours = {}
-    for col in cols:
-        if is_ablation:
-            ours[col] = _cell(ablation, row, col)
-        elif row == "distilled" and col != "avg":
-            ours[col] = _cell(means, f"distilled: {col}", col)
-        elif col != "avg":
-            ours[col] = _cell(means, row, col)
-    if not is_ablation and "avg" in cols:
-        got = [ours[c] for c in cols if c != "avg"]
-        ours["avg"] = float(np.mean(got)) if got and not any(math.isnan(v) for v in got) else float("nan")
-    return ours
-
-
-def paper_comparison(paper: Any, means, ablation) -> Any:
-    """Ours beside the paper's numbers, for the table the spec's ``paper`` field names.
-
-    ``paper``: ``{columns: [...], ROW: [values], ...}``. Columns ``[same-model, cross-model]`` name the
-    ablation table (rows: ablation labels); otherwise a cross-model table (columns: evaluation
-    backbones and ``avg``; row ``distilled``: each column the set distilled with that backbone —
-    our same-model diagonal; other rows: the baselines).
-
-    Returns:
-        DataFrame ``table, row, column, ours, paper, delta`` (``ours`` NaN where the sweep has no such
-        cell), or ``None`` when ``paper`` has no such form.
-    """
-    import pandas as pd
-
-    parsed = paper_rows(paper)
-    if parsed is None:
-        return None
-    cols, rows = parsed
-    is_ablation = set(cols) == {"same-model", "cross-model"}
-    out = []
-    for row, values in rows.items():
-        ours = _ours(row, cols, means, ablation, is_ablation)
-        for col, p in zip(cols, values, strict=True):
-            out.append({"table": "ablation" if is_ablation else "cross-model", "row": row, "column": col,
-                        "ours": ours[col], "paper": float(p), "delta": ours[col] - float(p)})
-    return pd.DataFrame(out, columns=["table", "row", "column", "ours", "paper", "delta"])
+    missing = [trial_state(t.key, t.dataset, t.backbone, t.ablation, t.seed, t.status, t.error)
+               for t in sweep.trials if t.status != "finished"]
+    return sweep_tables(sweep.spec, [t.result for t in sweep.finished], sweep.baselines, missing)

@@ -12,6 +12,7 @@ its error tag as its ``error.txt``), and the points' names through :mod:`lgm_ray
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from lgm_ray.common.errors import InputError
 from lgm_ray.distill.config import load_yaml
 from lgm_ray.distill.run_folder import RunFolder
 from lgm_ray.results.folder import SweepFolder
-from lgm_ray.results.labels import ablation_label
+from lgm_ray.results.labels import ablation_label, point_key
 
 # What a trial's MLflow child run holds of its run folder (:func:`lgm_ray.sweep.mlflow_runs.log_trial_result`).
 TRIAL_ARTIFACTS = (RunFolder.RESULT, RunFolder.SYNSET, RunFolder.GRID, RunFolder.CONFIG, RunFolder.GRIDS)
@@ -102,8 +103,13 @@ def ablation_labels(spec: dict[str, Any]) -> list[str]:
 
 
 def _point_of(key: str, cfg: dict[str, Any], spec: dict[str, Any]) -> tuple[str, str, str, int]:
-    """dataset, backbone, ablation label and seed of a trial with no result, from its config and the spec."""
+    """dataset, backbone, ablation label and seed of a trial with no result: the spec's grid point whose key
+    it is, else from its config and the spec."""
     datasets = spec.get("datasets") or {}
+    for ds, backbone, ablation, seed in itertools.product(datasets, spec.get("backbones") or [],
+                                                           spec.get("ablations") or [{}], spec.get("seeds") or [0]):
+        if point_key(ds, backbone, ablation or {}, seed) == key:
+            return ds, backbone, ablation_label(ablation or {}), int(seed)
     dataset = next((n for n, d in datasets.items() if (d or {}).get("shards") == cfg.get("shards")),
                    key.split("-")[0])
     ablation = next((ablation_label(p) for p in spec.get("ablations") or [] if p and
@@ -112,14 +118,16 @@ def _point_of(key: str, cfg: dict[str, Any], spec: dict[str, Any]) -> tuple[str,
 
 
 def _trial(key: str, run: RunFolder, spec: dict[str, Any], status: str | None = None, run_id: str | None = None,
-           grid_point: dict | None = None) -> Trial:
+           grid_point: dict | None = None, tagged: tuple[str, str, str, int] | None = None) -> Trial:
     """The trial of grid point ``key`` from its run folder; its point from its result, else the sweep's grid
-    (``trials.json``), else its config and the spec."""
+    (``trials.json``), else its MLflow child run's tags (``tagged``), else its key, config and the spec."""
     result = run.read_result()
     cfg = load_yaml(run.config) if run.config.is_file() else {}
     error = run.last_error_line()
     if result is not None:
         point = (result["dataset"], result["backbone"], result.get("ablation") or "default", int(result["seed"]))
+    elif tagged is not None:
+        point = tagged
     elif grid_point is not None:
         point = (grid_point["dataset"], grid_point["backbone"], ablation_label(grid_point.get("ablation") or {}),
                  int(grid_point.get("seed", 0)))
@@ -214,7 +222,10 @@ def _download_trial(client, run, work: Path, spec: dict[str, Any]) -> Trial:
     if run.data.tags.get("error"):
         folder.write_error(run.data.tags["error"])
     status = {"FINISHED": None, "FAILED": "failed"}.get(run.info.status, "unfinished")
-    t = _trial(key, folder, spec, status=status, run_id=run.info.run_id)
+    tags = run.data.tags  # the grid point, as the sweep's MLflow logger tags every trial's child run
+    tagged = ((tags["dataset"], tags["distill_backbone"], tags["ablation"], int(tags["seed"]))
+              if {"dataset", "distill_backbone", "ablation", "seed"} <= set(tags) else None)
+    t = _trial(key, folder, spec, status=status, run_id=run.info.run_id, tagged=tagged)
     if t.status == "finished" and t.result is None:
         t.status = "unfinished"
     return t

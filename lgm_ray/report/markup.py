@@ -56,8 +56,15 @@ def note(text: str) -> str:
     return f'<p class="note">{text}</p>'
 
 
-def frame_html(frame, std=None, index_name: str | None = None, digits: int = 2) -> str:
-    """A (means[, stds]) frame as an HTML table; ``mean ± std`` cells."""
+def notes_html(notes: list[str]) -> str:
+    """A list of notes (plain text) as a grey list headed "missing cells"; empty for none."""
+    if not notes:
+        return ""
+    return f'<div class="note">missing cells:<ul>{"".join(f"<li>{esc(n)}</li>" for n in notes)}</ul></div>'
+
+
+def frame_html(frame, std=None, index_name: str | None = None, digits: int = 2, table_id: str | None = None) -> str:
+    """A (means[, stds]) frame as an HTML table; ``mean ± std`` cells; ``table_id`` its ``id`` attribute."""
     head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
     rows = []
     for label, row in frame.iterrows():
@@ -73,12 +80,13 @@ def frame_html(frame, std=None, index_name: str | None = None, digits: int = 2) 
             cells.append(f'<td class="num">{text}</td>')
         rows.append(f'<tr><th class="row">{esc(label)}</th>{"".join(cells)}</tr>')
     name = index_name if index_name is not None else (frame.index.name or "")
-    return (f'<div class="scroll"><table><thead><tr><th>{esc(name)}</th>{head}</tr></thead>'
+    ident = f' id="{esc(table_id)}"' if table_id else ""
+    return (f'<div class="scroll"><table{ident}><thead><tr><th>{esc(name)}</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def paper_html(cmp) -> str:
-    """:func:`lgm_ray.report.frames.paper_comparison`'s frame as a table of ``ours / paper (Δ)`` cells."""
+    """:func:`lgm_ray.results.tables.paper_comparison`'s frame as a table of ``ours / paper (Δ)`` cells."""
     cols = list(dict.fromkeys(cmp["column"]))
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = []

@@ -6,6 +6,7 @@
     trials.json           every grid point (key → dataset, backbone, ablation, seed, run fields)
     sweep_state.json      tracking URI, MLflow experiment and parent run (``--resume`` reopens them)
     timing.json           seconds spent on the shared baselines and on the trials
+    driver_error.txt      the traceback of the last run of the driver that stopped on an unexpected error
     <trial key>/          Ray Tune's trial folder, named after the grid point …
       run/                … holding the trial's run folder (:class:`~lgm_ray.distill.run_folder.RunFolder`)
     baselines/            one JSON per (dataset, evaluation backbone, baseline)
@@ -36,6 +37,7 @@ class SweepFolder:
     POINTS = "trials.json"
     STATE = "sweep_state.json"
     TIMING = "timing.json"
+    DRIVER_ERROR = "driver_error.txt"
     BASELINES = "baselines"
     FEATURE_CACHE = "feature_cache"
     TABLES = "tables"
@@ -64,6 +66,10 @@ class SweepFolder:
     @property
     def timing(self) -> Path:
         return self.root / self.TIMING
+
+    @property
+    def driver_error(self) -> Path:
+        return self.root / self.DRIVER_ERROR
 
     @property
     def baselines(self) -> Path:
@@ -104,6 +110,17 @@ class SweepFolder:
     def is_empty(self) -> bool:
         """Whether nothing is here yet (no folder, or an empty one): a new sweep may start here."""
         return not self.root.is_dir() or not any(self.root.iterdir())
+
+    def is_started(self) -> bool:
+        """Whether a sweep has started here: anything beyond the spec, the grid and a driver's error, which
+        a sweep writes before it opens its MLflow runs (a new start rewrites them: nothing depends on them)."""
+        if self.is_empty():
+            return False
+        return any(p.name not in (self.SPEC, self.POINTS, self.DRIVER_ERROR) for p in self.root.iterdir())
+
+    def write_driver_error(self, text: str) -> Path:
+        write_text(self.driver_error, text)
+        return self.driver_error
 
     def write_spec(self, resolved: dict[str, Any]) -> None:
         write_text(self.spec, yaml.safe_dump(resolved, sort_keys=False))

@@ -14,8 +14,13 @@ to the head node's loopback serves a whole cluster.
 
 Where results go (:func:`resolve_tracking_uri`): ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else
 the spec's ``mlflow.tracking_uri``, else ``sqlite:///mlflow.db`` in the working directory, whose
-artifacts go to ``mlartifacts/`` beside it. ``mlflow ui --backend-store-uri sqlite:///mlflow.db``
-shows them.
+artifacts go to ``mlartifacts/`` beside it (a relative SQLite path is made absolute against the working
+directory). ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows them.
+
+Bounded waits: :func:`check_tracking` asks a tracking server one question, once, with a
+:data:`PREFLIGHT_TIMEOUT_S` timeout, before a sweep writes anything (an unreachable server is an
+:class:`TrackingError`, not four minutes of MLflow's default retries); :func:`http_limits` bounds
+MLflow's retries and timeout (:data:`HTTP_LIMITS`) for the sweep's own calls.
 
 Runs:
 
@@ -31,10 +36,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lgm_ray.common.errors import InputError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -44,6 +53,27 @@ DEFAULT_DB = "mlflow.db"
 KIND_TAG = "lgm_ray.kind"
 KEY_TAG = "lgm_ray.trial_key"
 PARENT_TAG = "mlflow.parentRunId"
+FAILED_TAG = "lgm_ray.failed_trials"
+OVERRIDES_TAG = "lgm_ray.overrides"
+# One question to a tracking server before a sweep starts: no retry, this many seconds at most.
+PREFLIGHT_TIMEOUT_S = 5
+# MLflow's HTTP retries and timeout for the sweep's own calls (its defaults, 7 retries with an
+# exponential back-off and 120 s a request, keep a sweep waiting minutes on a server that is gone); a
+# value set in the environment wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+class TrackingError(InputError):
+    """The MLflow store cannot be reached or written; the message names the URI and the fix."""
+
+
+def absolute_uri(uri: str, cwd: str | Path | None = None) -> str:
+    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``) made absolute against ``cwd``
+    (default: the working directory); any other URI as it is."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :].startswith("/"):
+        return uri
+    return f"{prefix}{(Path(cwd or Path.cwd()) / uri[len(prefix) :]).resolve()}"
 
 
 def resolve_tracking_uri(
@@ -61,8 +91,76 @@ def resolve_tracking_uri(
     """
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri
     if uri:
-        return uri
+        return absolute_uri(uri, cwd)
     return f"sqlite:///{Path(cwd or Path.cwd()).resolve() / DEFAULT_DB}"
+
+
+@contextmanager
+def _environment(values: dict[str, str], *, force: bool) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the duration (``force``: over what is there; else only where
+    unset), then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if force or saved[k] is None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def http_limits() -> Any:
+    """A context in which MLflow's HTTP calls retry and wait at most :data:`HTTP_LIMITS` (MLflow reads
+    these variables on every request; values the user set in the environment win)."""
+    return _environment(HTTP_LIMITS, force=False)
+
+
+def _cause(exc: BaseException) -> str:
+    """The short reason of a failed MLflow request: the OS error, a timeout or the HTTP status."""
+    text = str(exc)
+    for pattern in (r"\[Errno -?\d+\] [^\"')]+", r"[Rr]ead timed out", r"timed out", r"status code \d+",
+                    r"HTTP \d{3}", r"\b[45]\d\d\b[^.;]*"):
+        if m := re.search(pattern, text):
+            return m.group(0).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def check_tracking(uri: str, timeout_s: int = PREFLIGHT_TIMEOUT_S) -> None:
+    """Fail fast when the store at ``uri`` cannot take a sweep's runs: a tracking server that does not
+    answer one request within ``timeout_s`` (no retry), or a SQLite file whose folder is missing or
+    read-only. Nothing is created (no database file, no experiment).
+
+    Raises:
+        TrackingError: naming the URI and the fix.
+    """
+    fix = ("start it, or name one that runs with --tracking-uri, MLFLOW_TRACKING_URI or the spec's "
+           "mlflow.tracking_uri (nothing was written)")
+    if uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+        with _environment(limits, force=True):
+            try:
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            except Exception as exc:  # noqa: BLE001 - any failure of the one request is the answer
+                cause = _cause(exc)
+                if re.search(r"\b40[13]\b", cause):
+                    fix = ("give its credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                           "MLFLOW_TRACKING_TOKEN), or name another server (nothing was written)")
+                raise TrackingError(
+                    f"the MLflow tracking server {uri} does not answer ({cause}, within {timeout_s} s); {fix}"
+                ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            problem = "does not exist" if not folder.is_dir() else "is not writable"
+            raise TrackingError(
+                f"the MLflow store {uri}: its folder {folder} {problem}; create it, or {fix}"
+            )
 
 
 def is_local_store(uri: str) -> bool:
@@ -276,6 +374,14 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """End the run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
         self.client.set_terminated(run_id, status=status)
+
+    def close_children(self, experiment_id: str, parent_id: str, status: str = "KILLED") -> list[str]:
+        """End every child run of the parent still RUNNING (a trial or baseline a stop cut short) with
+        ``status``; returns their ids."""
+        open_runs = [r.info.run_id for r in self.children(experiment_id, parent_id) if r.info.status == "RUNNING"]
+        for run_id in open_runs:
+            self.finish(run_id, status)
+        return open_runs
 
     def fail(self, run_id: str, error: str) -> None:
         """Mark a run FAILED with its error (tag ``error``, artifact ``error.txt``)."""

@@ -79,9 +79,10 @@ def _submit(spec: SweepSpec, done: list[dict[str, Any]]) -> dict[ray.ObjectRef, 
 
 
 def _record(spec: SweepSpec, tracker: Tracker, experiment_id: str, parent_id: str, task: ray.ObjectRef,
-            ds_name: str, b: str, kind: str) -> dict[str, Any] | None:
+            ds_name: str, b: str, kind: str) -> dict[str, Any] | tuple[str, str]:
     """One finished baseline: written to the sweep folder and logged to its MLflow child run (FAILED with
-    its error when the task failed: a failed baseline is reported, the sweep goes on)."""
+    its error when the task failed: a failed baseline is reported, the sweep goes on). Returns its result,
+    or ``(key, last line of the error)`` when it failed."""
     key = f"baseline-{ds_name}-{b}-{kind}"
     tags = {"dataset": ds_name, "eval_backbone": b, "baseline": kind}
     run_id = tracker.child(experiment_id, parent_id, key, kind="baseline", tags=tags)
@@ -90,7 +91,8 @@ def _record(spec: SweepSpec, tracker: Tracker, experiment_id: str, parent_id: st
     except Exception as exc:  # noqa: BLE001 - a failed baseline is reported, the sweep goes on
         print(f"[lgm_ray.sweep] baseline {key} failed: {exc}", file=sys.stderr, flush=True)
         tracker.fail(run_id, str(exc))
-        return None
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return key, (lines[-1] if lines else type(exc).__name__)
     spec.folder.write_baseline(ds_name, b, kind, result)
     shown = ("epochs", "batch", "n_train", "real_res", "crop_res", "normalization", "split")
     tracker.log_params(run_id, {**tags, **{k: result.get(k) for k in shown}})
@@ -101,15 +103,17 @@ def _record(spec: SweepSpec, tracker: Tracker, experiment_id: str, parent_id: st
 
 def run_baselines(
     spec: SweepSpec, tracker: Tracker, experiment_id: str, parent_id: str
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The shared baselines, once per (dataset, evaluation backbone), as Ray tasks; reused on resume.
 
     They also fill the sweep's feature cache with every split the trials will read (a (dataset,
     backbone) with no shared baseline gets a task that only does that), so that trials only read it.
-    Returns every shared baseline's result, those of earlier runs of the sweep included.
+    Returns every shared baseline's result, those of earlier runs of the sweep included, and the failed
+    ones as ``(key, last line of the error)`` (run again on ``--resume``).
     """
     spec.folder.baselines.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
+    failed: list[tuple[str, str]] = []
     pending = _submit(spec, done)
     if pending:
         what = ", ".join(sorted({k for *_, k in pending.values()}))
@@ -125,6 +129,5 @@ def run_baselines(
                 print(f"[lgm_ray.sweep] caching {ds_name} features of {b} failed: {exc}", file=sys.stderr)
             continue
         result = _record(spec, tracker, experiment_id, parent_id, ready[0], ds_name, b, kind)
-        if result is not None:
-            done.append(result)
-    return done
+        (failed if isinstance(result, tuple) else done).append(result)
+    return done, failed

@@ -20,16 +20,22 @@ from ray import tune
 from lgm_ray.distill.run_folder import RunFolder
 from lgm_ray.results.folder import SweepFolder
 from lgm_ray.results.tables import METRIC_FIELDS
-from lgm_ray.results.tracking import Tracker, flatten
+from lgm_ray.results.tracking import OVERRIDES_TAG, Tracker, flatten
 from lgm_ray.sweep.spec import SweepSpec
 from lgm_ray.sweep.trial import load_point, trial_run
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
+# Spec fields that are not the parent's params: free text, and what may differ between a run and its
+# --resume (MLflow refuses a param logged again with another value): the spec's path as typed and the
+# --set text (tag lgm_ray.overrides; the values it set are params like any other).
+UNLOGGED_FIELDS = ("paper", "description", "source", "overrides")
+
 
 def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, str, str]:
-    """Open the sweep's experiment and parent run, log the spec on it and write the sweep's state file.
+    """Open the sweep's experiment and parent run, log the resolved spec on it (params, the ``--set``
+    settings as tag ``lgm_ray.overrides``, ``spec.yaml``) and write the sweep's state file.
 
     On ``resume`` the parent run of the state file is reopened when the tracking URI is the same one,
     so a resumed sweep adds to its runs instead of starting new ones.
@@ -51,10 +57,9 @@ def start_tracking(spec: SweepSpec, uri: str, resume: bool) -> tuple[Tracker, st
     folder.write_state(
         {"tracking_uri": uri, "experiment": experiment, "experiment_id": exp_id, "parent_run_id": parent}
     )
-    resolved = spec.to_dict()
-    tracker.log_params(
-        parent, {k: v for k, v in flatten(resolved).items() if k not in ("paper", "description")}
-    )
+    resolved = {k: v for k, v in spec.to_dict().items() if k not in UNLOGGED_FIELDS}
+    tracker.log_params(parent, flatten(resolved))
+    tracker.set_tags(parent, {OVERRIDES_TAG: " ".join(spec.overrides)})
     tracker.log_artifact(parent, folder.spec)
     if spec.source:
         tracker.log_artifact(parent, spec.source, "spec_source")

@@ -1,10 +1,12 @@
 """Reading and checking a sweep spec: YAML → checked values → :class:`~lgm_ray.sweep.spec.SweepSpec`.
 
-:func:`load_spec` reads a file; :func:`parse_spec` checks every field of the mapping (unknown keys get
-the nearest valid name; values are checked by ``DistillConfig`` and
-:class:`~lgm_ray.evaluate.config.EvalConfig`), expands backbone globs against the registry and ablation axes into
-points, makes relative paths absolute, then checks that every grid point makes a valid
-``DistillConfig`` and that the datasets' shards exist. :func:`check_resources` checks a trial's
+:func:`load_spec` reads a file and applies the command line's ``--set KEY=VALUE`` settings to it
+(:func:`apply_overrides`, before any check, so a setting is checked like the file); :func:`parse_spec`
+checks every field of the mapping (unknown keys get the nearest valid name; values are checked by
+``DistillConfig`` and :class:`~lgm_ray.evaluate.config.EvalConfig`), expands backbone globs against the
+registry and ablation axes into points, makes relative paths absolute against the working directory
+(:mod:`lgm_ray.sweep.spec` lists them), then checks that every grid point makes a valid
+``DistillConfig`` and that the datasets' shards exist and hold the splits the trials read. :func:`check_resources` checks a trial's
 request against the nodes of a cluster, which the driver knows only once Ray is up.
 
 Everything a spec can get wrong fails here, before any trial starts, with one message naming the
@@ -15,6 +17,7 @@ a bad one is refused, so each reads on its own.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import itertools
@@ -30,8 +33,10 @@ from lgm_ray.common.errors import InputError
 from lgm_ray.common.suggest import did_you_mean
 from lgm_ray.distill.config import ConfigError, DistillConfig
 from lgm_ray.evaluate.config import EvalConfig
+from lgm_ray.results.tracking import absolute_uri
 from lgm_ray.sweep.spec import (
     GRID_FIELDS,
+    RUN_PATH_FIELDS,
     SPEC_KEYS,
     Dataset,
     Resources,
@@ -171,6 +176,11 @@ def _abs(path: str, base: Path) -> str:
     return str((base / Path(path).expanduser()).resolve())
 
 
+def _abs_paths(fields: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Run fields with every path field (:data:`~lgm_ray.sweep.spec.RUN_PATH_FIELDS`) made absolute."""
+    return {k: _abs(v, base) if k in RUN_PATH_FIELDS and isinstance(v, str) else v for k, v in fields.items()}
+
+
 def _datasets(value: Any, cwd: Path) -> list[Dataset]:
     from lgm_ray.shards.sources import SOURCES
 
@@ -197,7 +207,7 @@ def _datasets(value: Any, cwd: Path) -> list[Dataset]:
     return out
 
 
-def _ablations(value: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
+def _ablations(value: Any, config: dict[str, Any], cwd: Path) -> list[dict[str, Any]]:
     """The ablation points: a mapping axis → values is their product; a list names each point."""
     if value is None:
         return [{}]
@@ -221,7 +231,7 @@ def _ablations(value: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
         where = "ablations" if isinstance(value, dict) else f"ablations[{i}]"
         if not isinstance(point, dict):
             raise SpecError(f"{where} must be a mapping of run fields, e.g. {{color: false}}")
-        point = check_run_fields(point, where)
+        point = _abs_paths(check_run_fields(point, where), cwd)
         for axis in point:
             if axis in config:
                 raise SpecError(f"ablations.{axis}: {axis!r} is also set in config; keep it in one place")
@@ -263,11 +273,11 @@ def _run_config(data: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], dict[s
             raise SpecError(f"config_file: {exc}") from None
         for k in GRID_FIELDS:
             config.pop(k, None)  # a run config file may name its own data and output; the grid sets them
-        config = check_run_fields(config, f"config_file {file}")
+        config = _abs_paths(check_run_fields(config, f"config_file {file}"), cwd)
     overrides = data.get("config") or {}
     if not isinstance(overrides, dict):
         raise SpecError("config must map run fields (lgm_ray.distill.config.DistillConfig) to values")
-    overrides = check_run_fields(overrides, "config")
+    overrides = _abs_paths(check_run_fields(overrides, "config"), cwd)
     config.update(overrides)
     return config, overrides
 
@@ -322,20 +332,29 @@ def _storage(value: Any, cwd: Path) -> str:
     return _abs(value, cwd)
 
 
+def _tracking(data: Any, cwd: Path) -> Tracking:
+    tracking = _build(Tracking, data, "mlflow")
+    if tracking.tracking_uri:
+        tracking.tracking_uri = absolute_uri(tracking.tracking_uri, cwd)
+    return tracking
+
+
 def parse_spec(
     data: dict[str, Any],
     *,
     source: str | None = None,
     cwd: str | Path | None = None,
     check_paths: bool = True,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> SweepSpec:
     """Validate a spec mapping and resolve it.
 
     Args:
-        data: the YAML's mapping.
+        data: the YAML's mapping (with any ``--set`` already applied: :func:`apply_overrides`).
         source: the file it came from (for messages and the default name).
         cwd: base of relative paths (default: the working directory).
         check_paths: check that the datasets' shard folders exist (or can be built) and open.
+        overrides: the ``--set`` settings ``data`` holds (applied already), recorded in the spec.
 
     Raises:
         SpecError: naming the field and the fix.
@@ -344,10 +363,10 @@ def parse_spec(
 
     cwd = Path(cwd or Path.cwd())
     name = _check_top(data, source)
-    config, overrides = _run_config(data, cwd)
+    config, config_overrides = _run_config(data, cwd)
     # A point's values override config_file's; a key a point does not set keeps config_file's value
     # (a list point {} is the config file's own run, not the defaults).
-    ablations = _ablations(data.get("ablations"), overrides)
+    ablations = _ablations(data.get("ablations"), config_overrides, cwd)
     backbones, eval_backbones, ablation_backbones = _backbone_lists(data)
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -365,10 +384,11 @@ def parse_spec(
         eval=_check_eval(data.get("eval")),
         resources=_build(Resources, data.get("resources"), "resources").validate(),
         storage=_storage(data.get("storage", "runs/sweeps"), cwd),
-        mlflow=_build(Tracking, data.get("mlflow"), "mlflow"),
+        mlflow=_tracking(data.get("mlflow"), cwd),
         description=description,
         paper=data.get("paper"),
         source=source,
+        overrides=list(overrides),
     )
     _check_points(spec)
     if check_paths:
@@ -395,7 +415,9 @@ def _check_points(spec: SweepSpec) -> None:
 
 
 def check_datasets(spec: SweepSpec) -> None:
-    """Every dataset's shards exist and open (or can be built offline on demand)."""
+    """Every dataset's shards exist and open (or can be built offline on demand): the manifest reads, every
+    local shard it lists is there at its size, and the splits the trials read (``train`` and the probe's
+    ``eval.split``) are in it. Bytes damaged inside a shard are found only when a trial reads them."""
     from lgm_ray.shards.format import ShardError, is_local
     from lgm_ray.shards.locate import is_pattern
     from lgm_ray.shards.reader import ShardSet
@@ -412,13 +434,22 @@ def check_datasets(spec: SweepSpec) -> None:
                 f"`python -m lgm_ray.shards build digits --out {ds.shards}`, or fix the path"
             )
         try:
-            ShardSet(ds.shards)
+            shards = ShardSet(ds.shards)
+            for split in dict.fromkeys(("train", spec.eval_settings()["split"])):
+                shards.count(split)
         except (ShardError, OSError, ValueError) as exc:
             raise SpecError(f"datasets.{ds.name}: {exc}") from None
 
 
-def load_spec(path: str | Path, *, cwd: str | Path | None = None, check_paths: bool = True) -> SweepSpec:
-    """Read and validate a spec file (see :func:`parse_spec`)."""
+def load_spec(
+    path: str | Path,
+    *,
+    cwd: str | Path | None = None,
+    check_paths: bool = True,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> SweepSpec:
+    """Read a spec file, apply the command line's ``--set KEY=VALUE`` ``overrides`` to it
+    (:func:`apply_overrides`), and validate the result (see :func:`parse_spec`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist")
@@ -426,7 +457,88 @@ def load_spec(path: str | Path, *, cwd: str | Path | None = None, check_paths: b
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    return parse_spec(data or {}, source=str(path), cwd=cwd, check_paths=check_paths)
+    if data is not None and not isinstance(data, dict):
+        raise SpecError(f"{path} must hold a mapping of spec fields ({', '.join(SPEC_KEYS)})")
+    data = apply_overrides(data or {}, overrides)
+    return parse_spec(data, source=str(path), cwd=cwd, check_paths=check_paths, overrides=overrides)
+
+
+# ---------------------------------------------------------------- --set KEY=VALUE
+
+
+def _section_keys(section: str, data: dict[str, Any]) -> list[str] | None:
+    """The keys valid directly under a spec section (``None``: any key, e.g. ``paper``)."""
+    fields = {
+        "config": list(run_field_types()),
+        "eval": list(EvalConfig.SWEEP_FIELDS),
+        "resources": [f.name for f in dataclasses.fields(Resources)],
+        "mlflow": [f.name for f in dataclasses.fields(Tracking)],
+        "datasets": [str(k) for k in data.get("datasets") or {}] if isinstance(data.get("datasets"), dict) else [],
+        "ablations": list(run_field_types()),
+    }
+    return fields.get(section)
+
+
+def _check_override_key(parts: list[str], data: dict[str, Any], item: str) -> None:
+    """The dotted key of ``--set`` names a spec field (with the nearest valid name when it does not)."""
+    where = f"--set {item}"
+    if parts[0] not in SPEC_KEYS:
+        raise SpecError(f"{where}: unknown spec key {parts[0]!r}{did_you_mean(parts[0], SPEC_KEYS)}; "
+                        f"spec keys: {', '.join(SPEC_KEYS)}")
+    if len(parts) == 1:
+        return
+    section = parts[0]
+    if section == "ablations" and isinstance(data.get("ablations"), list):
+        raise SpecError(f"{where}: this spec lists its ablation points; set them whole, e.g. "
+                        f"--set 'ablations=[{{}}, {{color: false}}]'")
+    valid = _section_keys(section, data)
+    if valid is None and section != "paper":
+        raise SpecError(f"{where}: {section!r} is a single value, not a mapping; use --set {section}=VALUE")
+    if valid is not None and parts[1] not in valid:
+        what = "dataset" if section == "datasets" else "key"
+        raise SpecError(f"{where}: unknown {section} {what} {parts[1]!r}{did_you_mean(parts[1], valid)}; "
+                        f"valid: {', '.join(valid) or '(none)'}")
+    if section == "datasets" and len(parts) > 2 and (len(parts) > 3 or parts[2] not in ("shards", "build")):
+        raise SpecError(f"{where}: a dataset has the keys shards and build{did_you_mean(parts[2], ('shards', 'build'))}")
+    if section not in ("datasets", "paper") and len(parts) > 2:
+        raise SpecError(f"{where}: {'.'.join(parts[:2])} is a single value; use --set {'.'.join(parts[:2])}=VALUE")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the spec mapping ``data`` with each ``KEY=VALUE`` of ``overrides`` set, in order.
+
+    ``KEY`` is dotted into the spec (``config.steps``, ``eval.epochs``, ``resources.workers``,
+    ``datasets.digits.shards``, ``storage``); ``VALUE`` is read as YAML (``20`` an integer, ``false`` a
+    boolean, ``[0, 1]`` a list, ``/tmp/x`` text). A missing section is created. The result is checked
+    like the file itself (:func:`parse_spec`).
+
+    Raises:
+        SpecError: a setting without ``=``, a value that is not YAML, or a key that names no spec field
+            (with the nearest valid one).
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise SpecError(f"--set {item!r}: give KEY=VALUE with a dotted KEY, e.g. --set config.steps=20")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"--set {item}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+        _check_override_key(parts, out, item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and parts[0] == "datasets" and i == 1:
+                child = node[part] = {"shards": child}  # `digits: PATH` is short for {shards: PATH}
+            elif not isinstance(child, dict):
+                raise SpecError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a mapping in the spec")
+            node = child
+        node[parts[-1]] = value
+    return out
 
 
 # ---------------------------------------------------------------- resources

@@ -24,9 +24,17 @@ Example (``sweeps/demo.yaml`` is the full one)::
     eval: {epochs: 300, seeds: 3}
     resources: {workers: 0, cpus_per_worker: 1}
 
-Relative paths (``datasets``, ``config_file``, ``storage``) are relative to the working directory of
-the command, as every path on a command line is; parsing makes them absolute, because Ray's workers
-run elsewhere.
+Relative paths — ``datasets``' shards, ``config_file``, ``storage``, the run fields that hold a path
+(:data:`RUN_PATH_FIELDS`: ``weights``, ``storage_path``, in ``config``, in ``config_file`` and in ablation
+points) and a SQLite ``mlflow.tracking_uri`` — are relative to the **working directory** of the command,
+as every path on a command line is (not to the spec file's folder: the shipped specs name
+``shards/digits`` and ``configs/…`` from the repository's root, where ``make demo`` runs). Parsing makes
+each absolute, once; the trials never see a relative path, because Ray's workers run elsewhere. URLs
+(``s3://…``) stay as they are.
+
+The command line may change any field before the spec is checked: ``--set KEY=VALUE`` (a dotted key into
+the spec, a YAML value; :func:`lgm_ray.sweep.parse.apply_overrides`); the settings are kept in
+:attr:`SweepSpec.overrides`.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ GRID_FIELDS = {
     "device": "resources.gpus_per_worker (a trial runs on cuda when it has GPUs)",
     "workers": "resources.workers",
 }
+# Run fields that hold a path (made absolute against the working directory when the spec is parsed).
+RUN_PATH_FIELDS = ("weights", "storage_path")
 # Baselines computed once per (dataset, evaluation backbone); "neighbors" depends on each distilled
 # set and runs inside its trial.
 SHARED_BASELINES = ("random", "centroids", "full")
@@ -261,6 +271,7 @@ class SweepSpec:
         description: free text, logged with the parent run.
         paper: free-form record of the numbers the spec should reproduce (logged, not used).
         source: the YAML file it came from.
+        overrides: the command line's ``--set KEY=VALUE`` settings applied to that file, in order.
     """
 
     name: str
@@ -279,6 +290,7 @@ class SweepSpec:
     description: str = ""
     paper: Any = None
     source: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
     @property
     def sweep_dir(self) -> Path:

@@ -91,7 +91,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     Writes only under the point's run folder. A finished point (its ``result.json`` present) is
     reported again without work; a failure writes ``error.txt`` there and re-raises, so Tune marks
-    the trial ERROR and the driver marks its MLflow run FAILED.
+    the trial ERROR and the driver marks its MLflow run FAILED; a stop (an interrupt, a signal) leaves
+    it unfinished, to continue from its checkpoint.
     """
     point = load_point(config)
     run = trial_run(config)
@@ -118,7 +119,7 @@ def run_trial(config: dict[str, Any]) -> None:
             "neighbors": neighbors,
             "node_id": ray.get_runtime_context().get_node_id(),
         })
-    except BaseException:
+    except Exception:  # not a KeyboardInterrupt or SystemExit (a stop): that one leaves the trial unfinished
         run.write_error(traceback.format_exc())
         raise
     metrics = {f"{b}/{m}": r[m] for b, r in evals.items() for m in ("top1_mean", "top5_mean")}

@@ -3,10 +3,13 @@ and in the MLflow UI served by ``mlflow server``.
 
 The sweep folder is written here through the writers the sweep itself uses — :class:`SweepFolder` (spec,
 grid points, state, baselines) and :class:`RunFolder` (grids, synset.pt, result.json, error.txt) — so a
-drift between writer and reader fails these tests (no Ray, no distillation): three finished trials — the demo backbone on two ablation points, and a second distillation backbone that
-is not in the registry (its embedding map is skipped, as for a set whose backbone is not at hand) —
-one failed trial, three baselines, all logged to MLflow as the sweep logs them
-(:func:`lgm_ray.sweep.mlflow_runs.log_trial_result`). Known numbers go in; the tests look for them on the page.
+drift between writer and reader fails these tests (no Ray, no distillation): three finished trials — the demo
+backbone on two ablation points, and a second distillation backbone that is not in the registry (its embedding
+map is skipped, as for a set whose backbone is not at hand) at the default point only (the spec's
+``ablation_backbones``, as in the demo sweep) — one failed trial, one not started, three baselines on the demo
+backbone only, all logged to MLflow as the sweep logs them (:func:`lgm_ray.sweep.mlflow_runs.log_trial_result`).
+Known numbers go in; the tests look for them on the page, and check that the page's tables and the Markdown
+tables the sweep logs to MLflow (``tables/``) hold the same numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import torch
 
 from lgm_ray.distill.run_folder import RunFolder
 from lgm_ray.report.build import build_report
-from lgm_ray.report.frames import paper_comparison
 from lgm_ray.report.load import ReportError
 from lgm_ray.results.folder import SweepFolder
 from lgm_ray.results.labels import ablation_label, point_key
@@ -58,17 +60,23 @@ def _eval(top1: list[float]) -> dict:
             "top5_mean": 100.0, "top5_std": 0.0}
 
 
-def _spec(name: str, shards: str, trials) -> dict:
+def _spec(name: str, shards: str, trials, failed: bool, broken: str | None = None) -> dict:
+    """The resolved spec: the ablation points (the failed and the not-started ones too when ``failed``), the
+    other ablation points on the demo backbone only; a dataset ``broken`` whose every trial failed."""
     backbones = list(dict.fromkeys(b for b, *_ in trials))
     ablations = list({ablation_label(a): a for _, a, *_ in trials}.values())
-    return {"name": name, "description": "a made-up sweep for the report tests",
-            "datasets": {"digits": {"shards": shards, "build": None}}, "backbones": backbones,
-            "eval_backbones": [BACKBONE, OTHER], "ablations": ablations, "seeds": [0],
-            "baselines": list(BASELINES), "eval": {"epochs": 10, "seeds": 2, "split": "test"}, "paper": PAPER}
+    ablations += [{"param": "broken"}, {"param": "later"}] if failed else []
+    datasets = {"digits": {"shards": shards, "build": None}, **({broken: {"shards": broken, "build": None}}
+                                                              if broken else {})}
+    return {"name": name, "description": "a made-up sweep for the report tests", "datasets": datasets,
+            "backbones": backbones, "eval_backbones": [BACKBONE, OTHER], "ablations": ablations,
+            "ablation_backbones": [BACKBONE], "seeds": [0], "baselines": list(BASELINES),
+            "eval": {"epochs": 10, "seeds": 2, "split": "test"}, "paper": PAPER}
 
 
-def _points(trials, failed: bool) -> dict[str, dict]:
-    """trials.json as the driver writes it (``TrialPoint.to_dict()``), with a failed and a not-started point."""
+def _points(trials, failed: bool, broken: str | None = None) -> dict[str, dict]:
+    """trials.json as the driver writes it (``TrialPoint.to_dict()``), with a failed and a not-started point,
+    and the points of the dataset ``broken``."""
     from lgm_ray.sweep.spec import TrialPoint
 
     ablations = [a for _, a, *_ in trials]
@@ -77,6 +85,9 @@ def _points(trials, failed: bool) -> dict[str, dict]:
         ablations += [{"param": "broken"}, {"param": "later"}]
         backbones += [BACKBONE, BACKBONE]
     points = [TrialPoint(_key(b, a), "digits", b, 0, a, {}) for b, a in zip(backbones, ablations, strict=True)]
+    if broken:
+        points += [TrialPoint(point_key(broken, b, a, 0), broken, b, 0, a, {})
+                   for b, a in zip(backbones, ablations, strict=True)]
     return {p.key: p.to_dict() for p in points}
 
 
@@ -105,16 +116,28 @@ def _write_trial(run: RunFolder, key: str, backbone: str, ablation: dict, shards
                       "evals": {BACKBONE: _eval(top1_own), OTHER: _eval(top1_other)}, "neighbors": {}})
 
 
+def _point_tags(backbone: str, ablation: dict) -> dict[str, str]:
+    """A trial's child-run tags, as the sweep's MLflow logger sets them (its grid point)."""
+    return {"dataset": "digits", "distill_backbone": backbone, "ablation": ablation_label(ablation), "seed": "0"}
+
+
 def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS, name: str = "report_test",
-               steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT) -> Path:
+               steps=STEPS, n_losses: int = 30, failed: bool = True, experiment: str = EXPERIMENT,
+               broken: str | None = None) -> Path:
     """A sweep folder written through :class:`SweepFolder` and :class:`RunFolder` (the sweep's writers), logged
-    to MLflow as the sweep logs it when ``tracking_uri``."""
+    to MLflow as the sweep logs it when ``tracking_uri``; ``broken``: a second dataset of that name whose every
+    trial failed."""
     from lgm_ray.results.tracking import Tracker
 
     folder = SweepFolder(root / name)
     folder.root.mkdir(parents=True)
-    folder.write_spec(_spec(name, shards, trials))
-    folder.write_points(_points(trials, failed))
+    folder.write_spec(_spec(name, shards, trials, failed, broken))
+    folder.write_points(_points(trials, failed, broken))
+    if broken:
+        for key, point in folder.read_points().items():
+            if point["dataset"] == broken:
+                folder.run(key).root.mkdir(parents=True)
+                folder.run(key).write_error(f"Traceback ...\nShardError: {broken}: no shard\n")
     tracker = parent = exp = None
     if tracking_uri:
         tracker = Tracker(tracking_uri)
@@ -129,7 +152,7 @@ def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS,
         if tracker:
             from lgm_ray.sweep.mlflow_runs import log_trial_result
 
-            child = tracker.child(exp, parent, key, tags={"dataset": "digits", "distill_backbone": backbone})
+            child = tracker.child(exp, parent, key, tags=_point_tags(backbone, ablation))
             log_trial_result(tracker, child, folder.run(key))
             tracker.finish(child)
     if failed:  # one failed point (the other, "later", has not started)
@@ -141,7 +164,8 @@ def make_sweep(root: Path, shards: str, tracking_uri: str | None, trials=TRIALS,
         write_yaml({"backbone": BACKBONE, "shards": shards, "seed": 0}, run.config)
         run.write_error("Traceback ...\nShardError: shard test-000000.tar: sha256 mismatch\n")
         if tracker:
-            tracker.fail(tracker.child(exp, parent, key), run.error.read_text())
+            tracker.fail(tracker.child(exp, parent, key, tags=_point_tags(BACKBONE, {"param": "broken"})),
+                         run.error.read_text())
     for kind, top1 in BASELINES.items():
         rec = {"dataset": "digits", "baseline": kind, "backbone": BACKBONE, **_eval(top1)}
         folder.write_baseline("digits", BACKBONE, kind, rec)
@@ -305,7 +329,140 @@ def test_figures_are_artifacts_of_the_parent_run_and_maps_of_the_child_runs(repo
     assert f"report/{KEYS[0]}.png" in {a.path for a in client.list_artifacts(child, "report")}
 
 
-def test_report_from_the_mlflow_experiment_alone(sweep_dir, store, tmp_path, digits_shards):
+# ---------------------------------------------------------------- the page's tables = the sweep's tables/
+
+
+class _Tables(HTMLParser):
+    """Every ``<table>`` of a page by its ``id``, as rows of cell texts (the header row first), and the text of
+    every ``<li>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.items: list[str] = []
+        self._table = self._row = self._cell = self._li = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(a.get("id") or f"table-{len(self.tables)}", [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        elif tag == "li":
+            self._li = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "li" and self._li is not None:
+            self.items.append(" ".join("".join(self._li).split()))
+            self._li = None
+        elif tag in ("tr", "table"):
+            self._row = None
+            self._table = None if tag == "table" else self._table
+
+    def handle_data(self, data):
+        for part in (self._cell, self._li):
+            if part is not None:
+                part.append(data)
+
+
+def page_tables(index: Path) -> _Tables:
+    p = _Tables()
+    p.feed(index.read_text(encoding="utf-8"))
+    return p
+
+
+def markdown_table(path: Path) -> tuple[str, list[list[str]], list[str]]:
+    """A ``tables/*.md`` file: its title, its table as rows of cell texts (the header row first), its notes."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    title = next(line.strip("*") for line in lines if line.startswith("**"))
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines
+            if line.startswith("|") and not line.startswith("|---")]
+    return title, rows, [line[2:] for line in lines if line.startswith("- ")]
+
+
+def driver_tables(sweep_dir: Path, tracking_uri: str | None, dst: Path) -> tuple[Path, str]:
+    """``tables/`` as the sweep's driver writes it at its end (``write_tables(folder_tables(folder), …)``) and
+    logs it to the parent run; with ``tracking_uri``, the copy downloaded back from MLflow. Returns that folder
+    and the Markdown the driver prints."""
+    from mlflow import MlflowClient
+
+    from lgm_ray.results.tables import folder_tables, write_tables
+    from lgm_ray.results.tracking import Tracker
+
+    folder = SweepFolder(sweep_dir)
+    text, _ = write_tables(folder_tables(folder), folder.tables)
+    if not tracking_uri:
+        return folder.tables, text
+    parent = folder.read_state()["parent_run_id"]
+    Tracker(tracking_uri).log_artifact(parent, folder.tables, SweepFolder.TABLES)
+    return Path(MlflowClient(tracking_uri).download_artifacts(parent, SweepFolder.TABLES, str(dst))), text
+
+
+@pytest.fixture(scope="module")
+def logged_tables(sweep_dir, store, tmp_path_factory):
+    return driver_tables(sweep_dir, store, tmp_path_factory.mktemp("logged_tables"))
+
+
+def test_page_tables_and_the_mlflow_tables_hold_the_same_numbers(report, logged_tables):
+    """What a researcher reads on the page and in the parent run's ``tables/`` (and what the sweep prints) cannot
+    disagree: the same rows, cells, titles and missing cells. The ablation rows all average the demo backbone
+    (the spec's ablation_backbones), although the default point also distilled with OTHER."""
+    tables, printed = logged_tables
+    page = page_tables(report)
+    text = " ".join(parse(report).all_text.split())
+    for name in ("cross_model_digits", "ablation_digits"):
+        title, rows, notes = markdown_table(tables / f"{name}.md")
+        assert page.tables[name] == rows, name
+        assert title in text and notes and set(notes) <= set(page.items), name
+        assert (tables / f"{name}.md").read_text(encoding="utf-8") in printed
+    _, rows, notes = markdown_table(tables / "ablation_digits.md")
+    assert rows == [["ablation", "same-model", "cross-model"],
+                    ["default", "81.00", "70.00"],  # BACKBONE alone: 81 on itself, 70 on OTHER
+                    ["param=pixel", "62.00", "52.00"],
+                    ["param=broken", "—", "—"],
+                    ["param=later", "—", "—"]]
+    title = markdown_table(tables / "ablation_digits.md")[0]
+    assert f"over {BACKBONE} — same-model (1 cell a row: {BACKBONE}→{BACKBONE}); cross-model (1 cell a row: " \
+           f"{BACKBONE}→{OTHER})" in title
+    broken, later = _key(BACKBONE, {"param": "broken"}), _key(BACKBONE, {"param": "later"})
+    assert (f"param=broken, same-model: no result for {BACKBONE}→{BACKBONE} — trial {broken} failed "
+            f"(ShardError: shard test-000000.tar: sha256 mismatch)") in notes
+    assert f"param=later, cross-model: no result for {BACKBONE}→{OTHER} — trial {later} unfinished" in notes
+    _, rows, notes = markdown_table(tables / "cross_model_digits.md")
+    cells = {r[0]: r[1:] for r in rows}
+    assert cells[f"distilled: {BACKBONE} [default]"] == ["81.00 ± 1.00", "70.00 ± 0.00", "75.50"]
+    assert cells[f"distilled: {OTHER} [default]"] == ["42.00 ± 2.00", "91.00 ± 1.00", "66.50"]
+    assert cells["random"] == ["25.00 ± 5.00", "—", "—"]  # the baselines ran on BACKBONE only: no avg
+    assert f"distilled: {BACKBONE} [param=broken]: no result on any evaluation backbone — trial {broken} failed " \
+           f"(ShardError: shard test-000000.tar: sha256 mismatch)" in notes
+    assert f"random: no result on {OTHER} — the shared baseline failed or has not run (its MLflow run, if any, " \
+           f"says which)" in notes
+
+
+def test_a_dataset_whose_every_trial_failed_is_shown_with_its_missing_cells(tmp_path, digits_shards):
+    sweep = make_sweep(tmp_path, digits_shards, None, trials=TRIALS[:1], name="broken_dataset", failed=False,
+                       broken="scratched")
+    index = build_report(sweep, tmp_path / "report", embeddings=False, log_mlflow=False)
+    tables, _ = driver_tables(sweep, None, tmp_path)
+    page = page_tables(index)
+    title, rows, notes = markdown_table(tables / "cross_model_scratched.md")
+    assert page.tables["cross_model_scratched"] == rows
+    assert {r[0]: r[1:] for r in rows}[f"distilled: {BACKBONE}"] == ["—", "—", "—"]
+    assert notes[0] == "scratched: no distilled set — every trial failed or is unfinished (1 failed, 0 unfinished)"
+    key = point_key("scratched", BACKBONE, {}, 0)
+    assert f"distilled: {BACKBONE}: no result on any evaluation backbone — trial {key} failed (ShardError: " \
+           f"scratched: no shard)" in notes
+    assert set(notes) <= set(page.items)
+    assert page.tables["cross_model_digits"] == markdown_table(tables / "cross_model_digits.md")[1]
+
+
+def test_report_from_the_mlflow_experiment_alone(sweep_dir, store, tmp_path, digits_shards, logged_tables):
     out = tmp_path / "from_mlflow"
     index = build_report(EXPERIMENT, out, store, cache_dir=sweep_dir / "feature_cache", log_mlflow=False)
     page = parse(index)
@@ -315,6 +472,10 @@ def test_report_from_the_mlflow_experiment_alone(sweep_dir, store, tmp_path, dig
     for cell in ("81.00 ± 1.00", "62.00 ± 2.00", "25.00 ± 5.00", "81.00 / 63.0"):
         assert cell in page.all_text
     assert "sha256 mismatch" in page.all_text  # the failed child run's error tag
+    # the same numbers as the parent run's tables/, baselines read from their child runs' metrics
+    tables, _ = logged_tables
+    for name in ("cross_model_digits", "ablation_digits"):
+        assert page_tables(index).tables[name] == markdown_table(tables / f"{name}.md")[1], name
 
 
 def test_bad_sources_and_folders_fail_with_one_message(tmp_path, capsys, store, sweep_dir):
@@ -333,22 +494,6 @@ def test_bad_sources_and_folders_fail_with_one_message(tmp_path, capsys, store, 
 
     assert main([str(tmp_path / "d"), "--out", str(tmp_path / "f")]) == 2
     assert capsys.readouterr().err.count("error:") == 1
-
-
-def test_paper_comparison_of_an_ablation_table():
-    import pandas as pd
-
-    abl = pd.DataFrame({"same-model": [80.0, 70.0], "cross-model": [60.0, float("nan")]},
-                       index=pd.Index(["default", "aug=none"], name="ablation"))
-    paper = {"columns": ["same-model", "cross-model"], "default": [87.2, 77.8], "aug=none": [68.6, 33.3],
-             "color=false": [86.5, 76.4]}
-    cmp = paper_comparison(paper, None, abl).set_index(["row", "column"])
-    assert (cmp["table"] == "ablation").all()
-    assert cmp.loc[("default", "same-model"), "delta"] == pytest.approx(80.0 - 87.2)
-    assert cmp.loc[("aug=none", "same-model"), "ours"] == 70.0
-    assert pd.isna(cmp.loc[("aug=none", "cross-model"), "ours"])
-    assert pd.isna(cmp.loc[("color=false", "same-model"), "ours"])  # not in the sweep
-    assert paper_comparison({"note": "free text"}, None, abl) is None
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ def test_paths_and_small_files_round_trip(tmp_path):
     assert folder.read_timing() == {"baselines_s": 1.5}
     for path in (folder.spec, folder.points, folder.state, folder.timing):
         assert path.parent == folder.root and path.is_file()
+    assert folder.write_driver_error("Traceback …") == folder.driver_error and folder.driver_error.parent == folder.root
     assert {folder.baselines, folder.feature_cache, folder.tables, folder.report} <= {
         folder.root / n for n in ("baselines", "feature_cache", "tables", "report")}
 
@@ -47,3 +48,17 @@ def test_run_folders_and_baselines(tmp_path):
     assert folder.read_baseline("d", "b", "full") == {"top1_mean": 90.0}
     folder.write_baseline("d", "b", "random", {"top1_mean": 40.0})
     assert [r["top1_mean"] for r in folder.read_baselines()] == [90.0, 40.0]  # file-name order
+
+
+def test_a_sweep_is_started_once_more_than_its_spec_and_grid_are_written(tmp_path):
+    folder = SweepFolder(tmp_path / "sweep")
+    assert not folder.is_started()
+    folder.write_spec({"name": "sweep"})
+    folder.write_points({"a": {}})
+    folder.write_driver_error("Traceback …")  # a driver stopped before its MLflow run opened
+    assert not folder.is_started() and not folder.is_empty()
+    folder.write_state({"parent_run_id": "p"})
+    assert folder.is_started()
+    other = SweepFolder(tmp_path / "other")
+    other.run("a").root.mkdir(parents=True)
+    assert other.is_started()

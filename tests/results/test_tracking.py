@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import pytest
 
 from lgm_ray.results.tracking import (
+    HTTP_LIMITS,
     KEY_TAG,
     KIND_TAG,
     PARENT_TAG,
     Tracker,
+    TrackingError,
+    absolute_uri,
+    check_tracking,
+    http_limits,
     resolve_tracking_uri,
     ui_hint,
 )
@@ -33,6 +42,34 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:///" in ui_hint(
         resolve_tracking_uri("sqlite:///x/mlflow.db")
     )
+    # a relative SQLite path is the working directory's, made absolute once
+    assert resolve_tracking_uri("sqlite:///x/m.db", None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'x/m.db'}"
+    assert absolute_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert absolute_uri("http://h:5000", tmp_path) == "http://h:5000"
+
+
+def test_check_tracking_answers_fast_and_creates_nothing(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once released
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"http://127.0.0.1:{port} does not answer \(.*refused"):
+        check_tracking(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(TrackingError, match="does not exist"):
+        check_tracking(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+    check_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert list(tmp_path.iterdir()) == [], "the check wrote nothing"
+
+
+def test_http_limits_bound_mlflow_retries_unless_the_user_set_them(monkeypatch):
+    for k in HTTP_LIMITS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    with http_limits():
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's value wins
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
 
 
 def test_experiment_parent_and_children_found_again_on_resume(store):
@@ -67,3 +104,15 @@ def test_experiment_parent_and_children_found_again_on_resume(store):
     assert "sha256 mismatch" in failed.data.tags["error"]
     assert "error.txt" in [a.path for a in tracker.client.list_artifacts(other)]
     assert tracker.client.get_run(child).info.status == "FINISHED"
+
+
+def test_a_stop_closes_the_open_children(store):
+    tracker, exp, _ = store
+    parent = tracker.start_parent(exp, "stopped")
+    done = tracker.child(exp, parent, "done")
+    tracker.finish(done)
+    running = tracker.child(exp, parent, "running")
+    baseline = tracker.child(exp, parent, "baseline-x", kind="baseline")
+    assert sorted(tracker.close_children(exp, parent, "KILLED")) == sorted([running, baseline])
+    status = {r.info.run_id: r.info.status for r in tracker.children(exp, parent)}
+    assert status == {done: "FINISHED", running: "KILLED", baseline: "KILLED"}

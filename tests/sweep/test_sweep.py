@@ -167,8 +167,11 @@ def test_sweep_against_an_mlflow_server_with_a_failing_dataset(
         mlflow={"experiment": "lgm-e2e"},
     )
     assert main([str(spec), "--tracking-uri", mlflow_server]) == 1  # some trials failed
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "cross-model" in out and "FAILED broken-" in out and "2 trials finished, 2 failed" in out
+    error = [ln for ln in captured.err.splitlines() if ln.startswith("error: ")]
+    assert len(error) == 1 and "2 of 4 trials" in error[0] and "--resume" in error[0]
 
     c, parent, children = sweep_runs(mlflow_server, "lgm-e2e")
     trials = {r.data.tags["lgm_ray.trial_key"]: r for r in children if r.data.tags["lgm_ray.kind"] == "trial"}
@@ -199,7 +202,9 @@ def test_sweep_against_an_mlflow_server_with_a_failing_dataset(
     ) == ["centroids", "full", "random"]
     assert any(r.info.status == "FAILED" for r in baselines if r.data.tags["dataset"] == "broken")
 
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"  # trials failed
+    assert set(parent.data.tags["lgm_ray.failed_trials"].split(",")) >= set(
+        k for k in trials if k.startswith("broken-"))
     tables = {a.path for a in c.list_artifacts(parent.info.run_id, "tables")}
     assert {
         "tables/cross_model_digits.md",
@@ -234,11 +239,48 @@ def test_sweep_against_an_mlflow_server_with_a_failing_dataset(
     assert wide.loc["full", f"{BACKBONE}_mean"] > 50  # the full-data probe on digits
 
 
-@pytest.mark.timeout(900)
-def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, digits_shards, local_ray):
-    """The first run is a command of its own with a Ray of its own, slowed by the loop's test knob (the
-    environment variable reaches its trials because its Ray starts in that environment); SIGINT stops it;
-    the resume runs here, on this module's Ray."""
+def start_sweep(spec: Path, *args: str) -> subprocess.Popen:
+    """The sweep command as a process of its own, with a Ray of its own, slowed by the loop's test knob
+    (the environment variable reaches its trials because its Ray starts in that environment)."""
+    env = {**os.environ, "LGM_RAY_TEST_STEP_DELAY": "0.4"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "lgm_ray.sweep", str(spec), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def stop_when(proc: subprocess.Popen, folder: SweepFolder, sig: signal.Signals,
+              after: set[str]) -> tuple[str, str, int, str]:
+    """Wait until a trial not in ``after`` has finished and another has a checkpoint but no result (a known
+    point, read from the run folders), then send ``sig``; returns the finished key, the interrupted key,
+    the command's exit status and its output."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        runs = folder.runs()
+        finished = [k for k, run in runs.items() if run.result.exists() and k not in after]
+        mid_way = [k for k, run in runs.items() if not run.result.exists() and run.latest_checkpoint() is not None]
+        if finished and mid_way:
+            proc.send_signal(sig)
+            out, _ = proc.communicate(timeout=180)
+            return finished[0], mid_way[0], proc.returncode, out
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no trial finished in time: {proc.communicate()[0][-3000:]}")
+
+
+def trial_statuses(uri: str, experiment: str) -> tuple[str, dict[str, str]]:
+    _, parent, children = sweep_runs(uri, experiment)
+    trials = {r.data.tags["lgm_ray.trial_key"]: r.info.status for r in children
+              if r.data.tags["lgm_ray.kind"] == "trial"}
+    return parent.info.status, trials
+
+
+@pytest.mark.timeout(1200)
+def test_sigterm_and_sigint_stop_a_sweep_that_resumes_without_redoing_finished_trials(
+    tmp_path, digits_shards, local_ray
+):
+    """SIGTERM (a scheduler, a spot reclaim) stops the first run as Ctrl-C does; SIGINT stops the resumed
+    one; each at a known point (a trial finished, the next one past a checkpoint). The last resume runs
+    here, on this module's Ray."""
     spec = write_spec(
         tmp_path,
         "resume",
@@ -249,51 +291,77 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path, dig
         config={"steps": 8},
     )
     folder = SweepFolder(tmp_path / "runs" / "resume")
-    env = {**os.environ, "LGM_RAY_TEST_STEP_DELAY": "0.4"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lgm_ray.sweep", str(spec)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    done, started = None, None
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        runs = folder.runs()
-        finished = [run for run in runs.values() if run.result.exists()]
-        mid_way = [
-            key for key, run in runs.items() if not run.result.exists() and run.latest_checkpoint() is not None
-        ]
-        if finished and mid_way:
-            done, started = finished[0], mid_way[0]
-            break
-        time.sleep(0.2)
-    if done is None:
-        proc.kill()
-        pytest.fail(f"no trial finished in time: {proc.communicate()[0][-3000:]}")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
-    assert "--resume" in out
-    before = done.result.read_text(), done.result.stat().st_mtime_ns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, parent, _ = sweep_runs(uri, "resume")
-    assert parent.info.status == "KILLED"
+
+    done, started, code, out = stop_when(start_sweep(spec), folder, signal.SIGTERM, set())
+    assert code == 130, out[-3000:]
+    assert "Stack trace" not in out and "SIGABRT" not in out  # no C++ dump: a clean stop
+    error = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert len(error) == 1 and "interrupted" in error[0] and "--resume" in error[0], out[-3000:]
+    parent, trials = trial_statuses(uri, "resume")
+    assert parent == "KILLED"
+    assert trials[done] == "FINISHED" and trials[started] == "KILLED"
+    assert "RUNNING" not in trials.values()
+    before = folder.run(done).result
+    first = before.read_text(), before.stat().st_mtime_ns
 
     assert main([str(spec)]) == 2  # an existing sweep is never overwritten without --resume
+    done2, started2, code, out = stop_when(start_sweep(spec, "--resume"), folder, signal.SIGINT, {done})
+    assert code == 130, out[-3000:]
+    assert done2 == started, "the interrupted trial finished first on resume"
+    parent, trials = trial_statuses(uri, "resume")
+    assert parent == "KILLED" and trials[started2] == "KILLED" and "RUNNING" not in trials.values()
+
     assert main([str(spec), "--resume"]) == 0
-    assert (done.result.read_text(), done.result.stat().st_mtime_ns) == before, "a finished trial was run again"
+    assert (before.read_text(), before.stat().st_mtime_ns) == first, "a finished trial was run again"
     results = {key: run.read_result() for key, run in folder.runs().items()}
     assert len(results) == 3 and None not in results.values()
-    assert results[started]["resumed_from_step"] >= 2, "the interrupted trial continued its checkpoint"
-    assert len(results[started]["summary"]["losses"]) == 8
-    _, parent, children = sweep_runs(uri, "resume")
-    trials = [r for r in children if r.data.tags["lgm_ray.kind"] == "trial"]
-    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)  # no duplicate runs
-    assert parent.info.status == "FINISHED"
-    assert folder.read_state()["parent_run_id"] == parent.info.run_id
+    for key in (started, started2):
+        assert results[key]["resumed_from_step"] >= 2, "an interrupted trial continued its checkpoint"
+        assert len(results[key]["summary"]["losses"]) == 8
+    parent, trials = trial_statuses(uri, "resume")
+    assert len(trials) == 3 and set(trials.values()) == {"FINISHED"}  # no duplicate runs
+    assert parent == "FINISHED"
+    _, parent_run, _ = sweep_runs(uri, "resume")
+    assert folder.read_state()["parent_run_id"] == parent_run.info.run_id
+
+
+@pytest.mark.timeout(900)
+def test_a_failed_trial_fails_the_parent_and_relative_paths_are_the_working_directorys(
+    tmp_path, digits_shards, local_ray, monkeypatch, capsys
+):
+    """The spec lies in specs/, the command runs in work/ with every path relative to work/: a missing
+    weights file fails the preflight (nothing written); once it is there the same command runs, the
+    broken dataset's trial fails, the other finishes, and the parent ends FAILED with exit 1."""
+    specs, work = tmp_path / "specs", tmp_path / "work"
+    specs.mkdir()
+    work.mkdir()
+    broken = corrupt_copy(digits_shards, work / "broken")
+    shutil.copytree(digits_shards, work / "digits")
+    path = write_spec(specs, "fails", {"good": "digits", "broken": os.path.relpath(broken, work)},
+                      baselines=["random"], config={"weights": "w/cnn.pt"}, storage="runs",
+                      mlflow={"tracking_uri": "sqlite:///mlflow.db"})
+    monkeypatch.chdir(work)
+    assert main([str(path)]) == 2
+    assert "w/cnn.pt" in capsys.readouterr().err and not (work / "runs").exists() and not (work / "mlflow.db").exists()
+    (work / "w").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[2] / "lgm_ray/backbones/weights/digits_simclr_cnn.pt",
+                work / "w" / "cnn.pt")
+
+    assert main([str(path)]) == 1  # the same command, once fixed
+    error = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(error) == 1 and "1 of 2 trials" in error[0] and "broken-" in error[0] and "--resume" in error[0]
+    folder = SweepFolder(work / "runs" / "fails")
+    for point in folder.read_points().values():  # what the trials read: absolute paths only
+        assert Path(point["config"]["shards"]).is_absolute() and point["config"]["weights"] == str(work / "w" / "cnn.pt")
+    good = next(run for key, run in folder.runs().items() if key.startswith("good-"))
+    assert good.read_result() is not None
+    assert yaml.safe_load(good.config.read_text())["weights"] == str(work / "w" / "cnn.pt")
+    _, parent, children = sweep_runs(f"sqlite:///{work / 'mlflow.db'}", "fails")
+    trials = {r.data.tags["lgm_ray.trial_key"]: r for r in children if r.data.tags["lgm_ray.kind"] == "trial"}
+    assert sorted(r.info.status for r in trials.values()) == ["FAILED", "FINISHED"]
+    bad = next(k for k in trials if k.startswith("broken-"))
+    assert parent.info.status == "FAILED" and bad in parent.data.tags["lgm_ray.failed_trials"].split(",")
 
 
 def test_bad_specs_fail_before_any_trial(tmp_path, digits_shards, local_ray, capsys):

@@ -231,3 +231,112 @@ def test_resources_the_cluster_can_never_provide():
     gpu_nodes = [{"CPU": 8.0, "GPU": 4.0, "memory": mem}] * 2
     # GPU workers: the trial holds one GPU of its own for its evaluations
     assert check_resources(Resources(workers=3, gpus_per_worker=1), gpu_nodes) == 2
+
+
+# ---------------------------------------------------------------- --set KEY=VALUE
+
+
+def test_set_overrides_fields_before_the_spec_is_checked(tmp_path):
+    from lgm_ray.sweep.parse import apply_overrides
+
+    data = spec(tmp_path, datasets={"digits": "shards/digits"}, eval={"epochs": 100})
+    out = apply_overrides(data, ["config.steps=20", "eval.epochs=5", "storage=/tmp/x", "resources.workers=2",
+                                 "seeds=[0, 1]", "config.color=false", "datasets.digits.shards=/data/d",
+                                 "mlflow.experiment=e"])
+    assert out["config"] == {"steps": 20, "color": False}  # typed by YAML; a missing section is made
+    assert out["eval"] == {"epochs": 5} and out["storage"] == "/tmp/x" and out["resources"] == {"workers": 2}
+    assert out["seeds"] == [0, 1] and out["datasets"] == {"digits": {"shards": "/data/d"}}
+    assert data["eval"] == {"epochs": 100} and "config" not in data, "the file's mapping is not changed"
+    s = parse_spec(out, check_paths=False, cwd=tmp_path, overrides=["config.steps=20"])
+    assert s.base_config().steps == 20 and s.resources.workers == 2 and s.eval_settings()["epochs"] == 5
+    assert s.to_dict()["overrides"] == ["config.steps=20"]  # recorded in the resolved spec
+
+
+def test_set_on_a_shipped_spec_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    s = load_spec("sweeps/demo.yaml", check_paths=False,
+                  overrides=["config.steps=20", "eval.epochs=5", f"storage={tmp_path}", "resources.workers=2"])
+    assert s.base_config().steps == 20 and s.eval_settings()["epochs"] == 5
+    assert s.sweep_dir == tmp_path / "demo" and s.resources.workers == 2
+    assert all(p.config["steps"] == 20 and p.config["workers"] == 2 for p in s.grid())
+    assert s.overrides[0] == "config.steps=20"
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ("config.stpes=20", "unknown config key 'stpes'.*did you mean 'steps'"),
+        ("confg.steps=20", "unknown spec key 'confg'.*did you mean 'config'"),
+        ("eval.epoch=5", "unknown eval key 'epoch'.*did you mean 'epochs'"),
+        ("resources.worker=2", "unknown resources key 'worker'.*did you mean 'workers'"),
+        ("mlflow.tracking=x", "unknown mlflow key 'tracking'.*did you mean 'tracking_uri'"),
+        ("datasets.digts.shards=x", "unknown datasets dataset 'digts'.*did you mean 'digits'"),
+        ("datasets.digits.shard=x", "did you mean 'shards'"),
+        ("storage", "give KEY=VALUE"),
+        ("config..steps=2", "give KEY=VALUE"),
+        ("name.x=1", "'name' is a single value"),
+        ("config.steps.x=1", "config.steps is a single value"),
+        ("config.steps=[1", "not valid YAML"),
+    ],
+)
+def test_a_bad_set_names_the_nearest_valid_key(tmp_path, item, match):
+    from lgm_ray.sweep.parse import apply_overrides
+
+    with pytest.raises(SpecError, match=match):
+        apply_overrides(spec(tmp_path, datasets={"digits": "x"}), [item])
+
+
+def test_a_bad_set_value_is_checked_like_the_file(tmp_path):
+    from lgm_ray.sweep.parse import apply_overrides
+
+    with pytest.raises(SpecError, match="config.steps.*'many'"):
+        parse_spec(apply_overrides(spec(tmp_path), ["config.steps=many"]), check_paths=False)
+    with pytest.raises(SpecError, match="lists its ablation points"):
+        apply_overrides(spec(tmp_path, ablations=[{}, {"color": False}]), ["ablations.color=[true]"])
+
+
+def test_the_command_refuses_a_bad_set_in_one_line(tmp_path, capsys):
+    from lgm_ray.sweep.__main__ import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\ndatasets: {digits: x}\nbackbones: [digits_simclr_cnn]\n")
+    assert main([str(path), "--set", "config.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set config.stpes=3: unknown config key 'stpes' (did you mean 'steps'?)")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_every_relative_path_is_resolved_against_the_working_directory_once(tmp_path, monkeypatch):
+    """The spec lies in one folder, the command runs in another: paths are the working directory's."""
+    specs, work = tmp_path / "specs", tmp_path / "work"
+    specs.mkdir()
+    work.mkdir()
+    (work / "cfg.yaml").write_text("weights: w/from_file.pt\nstorage_path: ckpts\nsteps: 3\n")
+    path = specs / "rel.yaml"
+    path.write_text(
+        "name: rel\ndatasets: {digits: shards/digits}\nbackbones: [digits_simclr_cnn]\n"
+        "config_file: cfg.yaml\nablations: [{}, {weights: w/ablated.pt}]\nstorage: runs\n"
+        "mlflow: {tracking_uri: 'sqlite:///db/mlflow.db'}\n"
+    )
+    monkeypatch.chdir(work)
+    s = load_spec(path, check_paths=False, overrides=["eval.epochs=2"])
+    w = work.resolve()
+    assert s.datasets[0].shards == str(w / "shards" / "digits")
+    assert s.sweep_dir == w / "runs" / "rel"
+    assert s.mlflow.tracking_uri == f"sqlite:///{w / 'db' / 'mlflow.db'}"
+    first, ablated = s.grid()
+    assert first.resolved().weights == str(w / "w" / "from_file.pt")
+    assert first.resolved().storage_path == str(w / "ckpts")
+    assert ablated.resolved().weights == str(w / "w" / "ablated.pt")
+    for point in s.grid():  # what a trial reads: no relative path left
+        for key in ("weights", "storage_path", "shards"):
+            assert Path(point.config[key]).is_absolute()
+
+
+def test_a_dataset_without_the_probe_split_fails_when_the_spec_is_read(tmp_path, digits_shards):
+    msg = fails(tmp_path, "datasets.digits: .* has no split 'val'", check_paths=True,
+                datasets={"digits": digits_shards}, eval={"split": "val"})
+    assert "--val-fraction" in msg
