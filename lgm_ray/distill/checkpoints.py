@@ -24,16 +24,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lgm_ray.core.seeds import derive_seed
 from lgm_ray.core.synset import SyntheticSet
 from lgm_ray.distill.config import ConfigError
-
-if TYPE_CHECKING:  # a type only: run_folder imports this module
-    from lgm_ray.distill.run_folder import RunFolder
 
 META = "meta.json"
 KEEP = 2
@@ -155,9 +152,13 @@ def check_resumable(ckpt: Checkpoint, config: dict[str, Any]) -> None:
                           "resume with the same settings, or use another --out")
 
 
-def save_local(folder: RunFolder, rank_files: list[tuple[int, SyntheticSet, torch.optim.Optimizer]],
+def save_local(folder: Any, rank_files: list[tuple[int, SyntheticSet, torch.optim.Optimizer]],
                meta: dict[str, Any]) -> Path:
-    """Write a complete checkpoint into ``folder``'s ``checkpoints/`` atomically; keep the newest :data:`KEEP`."""
+    """Write a complete checkpoint into ``folder``'s ``checkpoints/`` atomically; keep the newest :data:`KEEP`.
+
+    ``folder`` is a :class:`~lgm_ray.distill.run_folder.RunFolder` (not imported here: the run folder imports
+    this module to find its newest checkpoint, and the arrows go one way).
+    """
     final = folder.checkpoint_at(meta["step"])
     tmp = folder.partial_checkpoint(meta["step"], os.getpid())
     if tmp.exists():
