@@ -38,8 +38,11 @@ lint: install
 	$(PY) -m ruff check lgm_ray tests benchmarks scripts
 
 # The whole suite.
+# The whole suite. The sweep's tests (Ray Tune over Ray Train, real signals) run in a pytest process of
+# their own, apart from the modules that start and stop other Rays before them.
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/sweep
+	$(PY) -m pytest -q tests/sweep
 
 # Every test not marked slow (the quick check while working).
 test-fast: install lint
